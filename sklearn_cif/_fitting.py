@@ -1,0 +1,179 @@
+"""Shared fitting machinery: argument resolution, validation and data passes.
+
+The estimators in :mod:`sklearn_cif.estimator` orchestrate these helpers;
+each helper does one pass over the data or one validation step.
+"""
+
+import hashlib
+import numbers
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from sklearn.utils.validation import check_scalar
+
+from sklearn_cif.adapters import _is_skorch_net, as_functional
+from sklearn_cif.gradients import (
+    batch_tensors,
+    iter_batches,
+    per_example_grads,
+    summed_grad,
+)
+
+__all__ = [
+    "is_model",
+    "resolve_fit_args",
+    "check_data",
+    "check_common_params",
+    "data_fingerprint",
+    "per_example_pass",
+    "mean_gradient",
+    "Timer",
+]
+
+
+def is_model(obj):
+    """Whether ``obj`` is something ``fit`` accepts as the model."""
+    return isinstance(obj, torch.nn.Module) or _is_skorch_net(obj)
+
+
+def resolve_fit_args(est, model, X, y):
+    """Accept both ``fit(model, X, y)`` and, with ``model=`` set, ``fit(X, y)``."""
+    if not is_model(model) and est.model is not None:
+        if y is not None:
+            raise TypeError(
+                "fit(X, y) got three positional arguments but the first is not a "
+                "model; call fit(model, X, y) or fit(X, y) with model= set."
+            )
+        model, X, y = est.model, model, X
+    if model is None:
+        raise TypeError(
+            "No model given: call fit(model, X, y) or set the `model` parameter and "
+            "call fit(X, y)."
+        )
+    if X is None or y is None:
+        raise TypeError("fit needs X and y (the data the model was trained on).")
+    return model, X, y
+
+
+def _n_rows(A, name):
+    if torch.is_tensor(A) or isinstance(A, np.ndarray):
+        return A.shape[0] if A.ndim else 0
+    try:
+        return len(A)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an array or a tensor; got {type(A).__name__}."
+        ) from None
+
+
+def check_data(X, y):
+    """Validate lengths and finiteness; return ``(X, y)`` as arrays or tensors."""
+    X = X if torch.is_tensor(X) else np.asarray(X)
+    y = y if torch.is_tensor(y) else np.asarray(y)
+    n, ny = _n_rows(X, "X"), _n_rows(y, "y")
+    if n == 0:
+        raise ValueError("X is empty; influence needs at least one example.")
+    if n != ny:
+        raise ValueError(
+            f"X and y have inconsistent lengths: X has {n} rows, y has {ny}."
+        )
+    for name, A in (("X", X), ("y", y)):
+        t = torch.as_tensor(A) if not torch.is_tensor(A) else A
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or infinity.")
+    return X, y
+
+
+def check_common_params(est):
+    """Validate the parameters every influence estimator shares."""
+    check_scalar(est.damping, "damping", numbers.Real, min_val=0, include_boundaries="neither")
+    if not np.isfinite(est.damping):
+        raise ValueError(f"damping={est.damping} must be finite.")
+    check_scalar(est.cg_tol, "cg_tol", numbers.Real, min_val=0, include_boundaries="neither")
+    if est.cg_maxiter is not None:
+        check_scalar(est.cg_maxiter, "cg_maxiter", numbers.Integral, min_val=1)
+    check_scalar(est.batch_size, "batch_size", numbers.Integral, min_val=1)
+
+
+def build_model(est, model):
+    return as_functional(model, loss=est.loss, params=est.params, device=est.device)
+
+
+def data_fingerprint(X, y):
+    """SHA-1 of the training data's bytes (to detect a stale cache)."""
+    h = hashlib.sha1()
+    for A in (X, y):
+        a = A.detach().cpu().numpy() if torch.is_tensor(A) else np.asarray(A)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _check_finite_batch(G, losses, idx):
+    bad = ~(torch.isfinite(G).all(1) & torch.isfinite(losses))
+    if bool(bad.any()):
+        rows = (torch.flatnonzero(bad).cpu().numpy() + idx.start).tolist()
+        raise FloatingPointError(
+            f"Non-finite per-example gradients or losses for examples {rows[:20]}"
+            f"{' ...' if len(rows) > 20 else ''}; check these inputs and targets."
+        )
+
+
+def per_example_pass(fmodel, X, y, batch_size, consume, progress=None):
+    """One pass of per-example gradients; ``consume(idx, G, losses)`` per batch.
+
+    Nothing of size ``N x p`` is kept: each batch's ``G`` (``b x p``) is
+    handed to ``consume`` and dropped.
+    """
+    n = _n_rows(y, "y")
+    for idx in iter_batches(n, batch_size):
+        x, t = batch_tensors(fmodel, X, y, idx)
+        G, losses = per_example_grads(fmodel, x, t)
+        _check_finite_batch(G, losses, idx)
+        consume(idx, G, losses)
+        if progress is not None:
+            progress.update(idx.stop - idx.start)
+
+
+def mean_gradient(fmodel, X, y, batch_size):
+    """``(1/n) sum_i g_i`` over (X, y) by ordinary backward passes."""
+    n = _n_rows(y, "y")
+    total = torch.zeros(fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
+    for idx in iter_batches(n, batch_size):
+        x, t = batch_tensors(fmodel, X, y, idx)
+        total += summed_grad(fmodel, x, t)
+    if not bool(torch.isfinite(total).all()):
+        raise FloatingPointError("The mean gradient over (X, y) is not finite.")
+    return total / n
+
+
+class Timer(dict):
+    """Seconds per named phase (a dict), filled by ``with timer("phase"):``."""
+
+    @contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextmanager
+def progress_bar(verbose, total, desc):
+    """A tqdm bar when ``verbose > 0`` and tqdm is installed, else ``None``."""
+    bar = None
+    if verbose:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=desc, leave=False)
+        except ImportError:  # tqdm is an optional extra
+            bar = None
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()

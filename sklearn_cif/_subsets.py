@@ -1,0 +1,100 @@
+"""Parsing and validating subset queries into a sparse indicator matrix.
+
+Accepted forms (``N`` training examples, ``Q`` queries):
+
+- one index array (``Q = 1``);
+- a list/tuple of index arrays;
+- a boolean mask of shape ``(N,)`` (``Q = 1``);
+- a ``(Q, N)`` 0/1 matrix, dense or ``scipy.sparse``.
+"""
+
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["subset_indicator"]
+
+
+def _check_indices(idx, n_samples, q):
+    arr = np.asarray(idx)
+    if arr.ndim != 1:
+        raise ValueError(
+            f"subsets[{q}] must be a 1-d array of indices; got shape {arr.shape}."
+        )
+    if arr.size == 0:
+        raise ValueError(f"subsets[{q}] is empty; every subset needs at least one index.")
+    if arr.dtype == bool:
+        raise ValueError(
+            f"subsets[{q}] is a boolean array inside a list; pass masks as a (Q, N) "
+            "0/1 matrix or one (N,) mask."
+        )
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(
+            f"subsets[{q}] must hold integer indices; got dtype {arr.dtype}."
+        )
+    lo, hi = arr.min(), arr.max()
+    if lo < 0 or hi >= n_samples:
+        raise ValueError(
+            f"subsets[{q}] has indices out of range [0, {n_samples}): "
+            f"min {lo}, max {hi}."
+        )
+    if np.unique(arr).size != arr.size:
+        raise ValueError(f"subsets[{q}] has duplicate indices.")
+    return arr.astype(np.int64)
+
+
+def _from_matrix(M, n_samples):
+    M = sp.csr_matrix(M)
+    if M.shape[1] != n_samples:
+        raise ValueError(
+            f"A subset indicator matrix must have N={n_samples} columns; got "
+            f"shape {M.shape}."
+        )
+    M.eliminate_zeros()
+    if M.nnz and not np.all(M.data == 1):
+        raise ValueError("A subset indicator matrix must hold only 0 and 1 entries.")
+    empty = np.flatnonzero(np.diff(M.indptr) == 0)
+    if empty.size:
+        raise ValueError(f"Subsets {empty.tolist()[:10]} of the indicator are empty.")
+    return sp.csr_matrix(M, dtype=np.float64)
+
+
+def subset_indicator(subsets, n_samples):
+    """Turn ``subsets`` into a CSR ``(Q, N)`` 0/1 indicator (float64).
+
+    Raises
+    ------
+    ValueError
+        For empty subsets, out-of-range, negative, non-integer or duplicate
+        indices, a mask of the wrong length, or a matrix with ``N' != N``.
+    """
+    if sp.issparse(subsets):
+        return _from_matrix(subsets, n_samples)
+    if isinstance(subsets, (list, tuple)):
+        if len(subsets) == 0:
+            raise ValueError("subsets is an empty list; pass at least one subset.")
+        if all(isinstance(s, numbers.Integral) for s in subsets):
+            rows = [_check_indices(subsets, n_samples, 0)]
+        else:
+            rows = [_check_indices(s, n_samples, q) for q, s in enumerate(subsets)]
+    else:
+        arr = np.asarray(subsets)
+        if arr.dtype == bool and arr.ndim == 1:
+            if arr.shape[0] != n_samples:
+                raise ValueError(
+                    f"A boolean subset mask must have length N={n_samples}; got "
+                    f"{arr.shape[0]}."
+                )
+            rows = [_check_indices(np.flatnonzero(arr), n_samples, 0)]
+        elif arr.ndim == 2:
+            if arr.dtype != bool and not np.all(np.isin(arr, (0, 1))):
+                raise ValueError(
+                    "A (Q, N) subset indicator must hold only 0 and 1 entries."
+                )
+            return _from_matrix(arr.astype(np.float64), n_samples)
+        else:
+            rows = [_check_indices(arr, n_samples, 0)]
+    indptr = np.concatenate([[0], np.cumsum([r.size for r in rows])])
+    data = np.ones(indptr[-1])
+    return sp.csr_matrix((data, np.concatenate(rows), indptr), shape=(len(rows), n_samples))

@@ -1,0 +1,246 @@
+"""Turning a user's model into one functional form.
+
+:class:`FunctionalModel` holds detached copies (or views) of the chosen
+parameters on the compute device, an inference-mode structural copy of the
+module that shares the user's tensors, and an :class:`~sklearn_cif.losses.OutputLoss`.
+The user's module is never mutated: no ``eval()`` on it, no ``requires_grad``
+flips, no in-place writes (STYLE.md, convention 2).
+"""
+
+import copy
+import hashlib
+import itertools
+
+import numpy as np
+import torch
+from sklearn.exceptions import NotFittedError
+
+from sklearn_cif.losses import resolve_loss
+
+__all__ = ["FunctionalModel", "as_functional", "resolve_device", "model_fingerprint"]
+
+
+def resolve_device(device):
+    """Resolve the ``device`` parameter (``"auto"``, ``"cpu"``, ``"cuda[:i]"``)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device={device!r} is not a valid torch device; use 'auto', 'cpu' "
+            "or 'cuda'."
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but CUDA is not available on this "
+            "machine; use device='cpu' or device='auto'."
+        )
+    return dev
+
+
+def _is_skorch_net(model):
+    try:
+        from skorch import NeuralNet
+    except ImportError:  # skorch is an optional extra
+        return False
+    return isinstance(model, NeuralNet)
+
+
+def _skorch_loss_name(net):
+    from skorch import NeuralNetBinaryClassifier, NeuralNetClassifier
+
+    crit = net.criterion_
+    if getattr(crit, "weight", None) is not None:
+        raise ValueError(
+            "Weighted criteria are not supported; pass loss=callable returning the "
+            "weighted per-example loss instead."
+        )
+    if isinstance(crit, torch.nn.NLLLoss):
+        # NeuralNetClassifier takes the log of probabilities in get_loss.
+        return "nll_proba" if isinstance(net, NeuralNetClassifier) else "nll"
+    if isinstance(crit, torch.nn.CrossEntropyLoss):
+        return "cross_entropy"
+    if isinstance(crit, torch.nn.MSELoss):
+        return "mse"
+    if isinstance(crit, torch.nn.BCEWithLogitsLoss):
+        return "bce_logits"
+    kind = "NeuralNetBinaryClassifier" if isinstance(net, NeuralNetBinaryClassifier) else ""
+    raise ValueError(
+        f"Cannot derive a per-example loss from the {kind or 'skorch net'} "
+        f"criterion {type(crit).__name__}; pass loss='cross_entropy', 'nll', "
+        "'mse', 'bce_logits' or a callable."
+    )
+
+
+def _inference_copy(module):
+    """A structural copy of ``module`` in eval mode that shares all tensors.
+
+    ``copy.deepcopy`` with every parameter and buffer pre-seeded in the memo
+    copies the Python module objects (so flipping ``training`` touches only
+    the copy) while the tensors themselves are shared, not duplicated.
+    """
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    clone = copy.deepcopy(module, memo)
+    return clone.eval()
+
+
+class FunctionalModel:
+    """A model in functional form: ``f(theta, x)`` and per-example losses.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The network. Never mutated.
+    loss : OutputLoss
+        Per-example loss on the module's output.
+    params : None or list of str
+        Names of the parameters that count (all trainable ones by default).
+    device : torch.device
+        Where parameters live and computation happens.
+    squeeze_output : bool
+        Reshape an ``(n, 1)`` output to ``(n,)`` (skorch's binary classifier).
+    """
+
+    def __init__(self, module, loss, params=None, device="cpu", squeeze_output=False):
+        self.source = module  # only read, to fingerprint the user's current weights
+        self.module = _inference_copy(module)
+        self.loss = loss
+        self.device = torch.device(device)
+        self.squeeze_output = squeeze_output
+        self.grad_method = "auto"  # becomes "loop" when vmap cannot trace
+        named = dict(module.named_parameters())
+        if params is None:
+            names = [n for n, p in named.items() if p.requires_grad]
+        else:
+            names = [params] if isinstance(params, str) else list(params)
+            unknown = [n for n in names if n not in named]
+            if unknown or not names:
+                raise ValueError(
+                    f"params={params!r} names unknown parameters {unknown}; expected "
+                    f"a non-empty list drawn from {list(named)}."
+                )
+        if not names:
+            raise ValueError("The model has no trainable parameters.")
+        self.names = names
+        self.theta = {n: named[n].detach().to(self.device) for n in names}
+        self.frozen = {
+            n: p.detach().to(self.device) for n, p in named.items() if n not in names
+        }
+        self.frozen.update(
+            {n: b.detach().to(self.device) for n, b in module.named_buffers()}
+        )
+        self.shapes = [self.theta[n].shape for n in names]
+        self.sizes = [self.theta[n].numel() for n in names]
+        self.n_params = int(sum(self.sizes))
+        dtypes = {p.dtype for p in self.theta.values()}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise TypeError(
+                f"All selected parameters must share one floating dtype; got {dtypes}."
+            )
+        self.dtype = dtypes.pop()
+
+    # -- flat <-> dict --------------------------------------------------------
+    def flatten(self, tensors, batch_dims=0):
+        """Concatenate a dict of per-parameter tensors into flat vectors."""
+        lead = None
+        parts = []
+        for n in self.names:
+            t = tensors[n]
+            lead = t.shape[:batch_dims]
+            parts.append(t.reshape(*lead, -1))
+        return torch.cat(parts, dim=-1)
+
+    def unflatten(self, flat):
+        """Split flat vectors ``(..., p)`` into a dict of parameter-shaped tensors."""
+        lead = flat.shape[:-1]
+        chunks = torch.split(flat, self.sizes, dim=-1)
+        return {
+            n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes)
+        }
+
+    # -- evaluation -----------------------------------------------------------
+    def forward(self, theta, x):
+        """Model output ``f(theta, x)`` for a batch ``x`` (inference mode)."""
+        out = torch.func.functional_call(self.module, {**theta, **self.frozen}, (x,))
+        if isinstance(out, tuple):  # skorch convention: first output counts
+            out = out[0]
+        if self.squeeze_output and out.dim() == 2 and out.shape[1] == 1:
+            out = out[:, 0]
+        return out
+
+    def losses(self, theta, x, y):
+        """Per-example losses ``(n,)`` at ``theta``."""
+        return self.loss.value(self.forward(theta, x), y)
+
+    def as_tensors(self, X, y=None):
+        """Move a data batch to the device; floating X gets the model dtype."""
+        x = torch.as_tensor(np.asarray(X) if not torch.is_tensor(X) else X)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        x = x.to(self.device)
+        if y is None:
+            return x, None
+        t = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y)
+        return x, self.loss.prepare_target(t.to(self.device), self.dtype)
+
+    def fingerprint(self):
+        """Fingerprint of the user's module as it is now (detects later edits)."""
+        return model_fingerprint(
+            dict(self.source.named_parameters()), dict(self.source.named_buffers())
+        )
+
+
+def model_fingerprint(*tensor_dicts):
+    """SHA-1 of every tensor's name, shape, dtype and bytes."""
+    h = hashlib.sha1()
+    for d in tensor_dicts:
+        for name in sorted(d):
+            t = d[name].detach().cpu().contiguous()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def as_functional(model, loss=None, params=None, device="auto"):
+    """Build a :class:`FunctionalModel` from a skorch net or a torch module.
+
+    Parameters
+    ----------
+    model : skorch.NeuralNet or torch.nn.Module
+        A fitted skorch net, or a module (then ``loss`` is required).
+    loss : None, str or callable
+        Overrides the loss derived from a skorch criterion.
+    params : None or list of str
+        Parameter names to differentiate with respect to.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+    dev = resolve_device(device)
+    if _is_skorch_net(model):
+        from skorch import NeuralNetBinaryClassifier
+
+        if not getattr(model, "initialized_", False) or not hasattr(model, "module_"):
+            raise NotFittedError(
+                f"The skorch net {type(model).__name__} is not initialized; fit it "
+                "before computing influences."
+            )
+        name = loss if loss is not None else _skorch_loss_name(model)
+        return FunctionalModel(
+            model.module_,
+            resolve_loss(name),
+            params=params,
+            device=dev,
+            squeeze_output=isinstance(model, NeuralNetBinaryClassifier),
+        )
+    if isinstance(model, torch.nn.Module):
+        if loss is None:
+            raise ValueError(
+                "loss=None is only allowed for skorch nets; for a torch.nn.Module "
+                "pass loss='cross_entropy', 'nll', 'mse', 'bce_logits' or a callable."
+            )
+        return FunctionalModel(model, resolve_loss(loss), params=params, device=dev)
+    raise TypeError(
+        "model must be a fitted skorch NeuralNet or a torch.nn.Module; got "
+        f"{type(model).__name__}."
+    )

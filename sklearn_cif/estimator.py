@@ -1,0 +1,581 @@
+"""Influence estimators: clustered (CiF) and per-query (the reference).
+
+Conventions (``shared/DESIGN.md`` §1): ``g_i`` is the per-example loss
+gradient at the fitted parameters, ``H = G + lambda I`` the damped mean
+generalized Gauss-Newton matrix, and removing a subset ``S`` moves the
+parameters by ``Delta theta_S ~ (1/N) H^{-1} sum_{i in S} g_i``.
+"""
+
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.cluster import MiniBatchKMeans
+from sklearn.metrics import pairwise_distances_argmin
+from sklearn.utils import Bunch, check_random_state
+from sklearn.utils.validation import check_is_fitted, check_scalar
+
+from sklearn_cif._fitting import (
+    Timer,
+    build_model,
+    check_common_params,
+    check_data,
+    data_fingerprint,
+    mean_gradient,
+    per_example_pass,
+    progress_bar,
+    resolve_fit_args,
+)
+from sklearn_cif._subsets import subset_indicator
+from sklearn_cif.curvature import DampedGGNOperator
+from sklearn_cif.gradients import batch_tensors, iter_batches, summed_grad
+from sklearn_cif.sketch import make_sketch
+from sklearn_cif.solvers import batched_cg
+
+__all__ = ["ClusteredInfluenceEstimator", "PerQueryInfluence"]
+
+
+class _BaseInfluence(BaseEstimator):
+    """Model handling shared by the influence estimators.
+
+    The functional form of the model (``_fmodel``) is private device state:
+    it is not pickled and is rebuilt from the ``model`` parameter when a
+    query needs the model again, after checking the parameter fingerprint.
+    """
+
+    _model_free_state = ("_fmodel",)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for key in self._model_free_state:
+            state.pop(key, None)
+        return state
+
+    def _get_fmodel(self):
+        fmodel = getattr(self, "_fmodel", None)
+        if fmodel is None:
+            if self.model is None:
+                raise ValueError(
+                    "This query needs the model, but the estimator holds none (it "
+                    "was loaded from disk). Call set_params(model=<the fitted model>)."
+                )
+            fmodel = build_model(self, self.model)
+            self._fmodel = fmodel
+        if fmodel.fingerprint() != self.model_fingerprint_:
+            self._fmodel = None
+            raise ValueError(
+                "The model's parameters changed since fit (fingerprint mismatch); "
+                "the cached influences are stale. Refit the estimator."
+            )
+        return fmodel
+
+    def _indicator(self, subsets):
+        return subset_indicator(subsets, self.n_samples_fit_)
+
+    def _check_eval_data(self, X, y):
+        if (X is None) != (y is None):
+            raise ValueError("Pass both X and y for an evaluation set, or neither.")
+        return check_data(X, y)
+
+    def _eval_gradient(self, X, y):
+        fmodel = self._get_fmodel()
+        X, y = self._check_eval_data(X, y)
+        return mean_gradient(fmodel, X, y, self.batch_size)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        tags.non_deterministic = False
+        return tags
+
+
+def _sketch_pass(fmodel, X, y, sketch, batch_size, bar):
+    """Pass 1: sketches ``s_i`` (N, k), squared norms ``||g_i||^2``, losses."""
+    n = len(y)
+    S = np.empty((n, sketch.sketch_dim), dtype=np.float64)
+    sq_norms = np.empty(n)
+    losses = np.empty(n)
+
+    def consume(idx, G, ell):
+        S[idx] = sketch(G).cpu().numpy()
+        sq_norms[idx] = (G * G).sum(1).cpu().numpy()
+        losses[idx] = ell.detach().cpu().numpy()
+
+    per_example_pass(fmodel, X, y, batch_size, consume, bar)
+    return S, sq_norms, losses
+
+
+def _cluster(S, n_clusters, seed):
+    """Cluster the sketches; returns compact labels (no empty cluster)."""
+    n = S.shape[0]
+    if n_clusters == n:  # each example its own cluster: exact per-example IF
+        return np.arange(n)
+    km = MiniBatchKMeans(
+        n_clusters=n_clusters,
+        random_state=seed,
+        n_init=3,
+        batch_size=min(n, 2048),
+    ).fit(S)
+    # A cluster MiniBatchKMeans left empty has no mean gradient: drop it.
+    _, labels = np.unique(km.labels_, return_inverse=True)
+    return labels.astype(np.int64)
+
+
+def _cluster_means(fmodel, X, y, labels, n_clusters, batch_size, bar):
+    """Pass 2: full-space means ``mu_c`` (C, p) from per-example gradients."""
+    sums = torch.zeros(n_clusters, fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
+    lab = torch.as_tensor(labels, device=fmodel.device)
+
+    def consume(idx, G, _):
+        sums.index_add_(0, lab[idx], G)
+
+    per_example_pass(fmodel, X, y, batch_size, consume, bar)
+    counts = torch.bincount(lab, minlength=n_clusters).to(sums.dtype)
+    return sums / counts[:, None]
+
+
+def _influence_pass(fmodel, X, y, V, means, labels, batch_size, bar):
+    """Pass 3: ``A[i, c] = g_i^T v_c`` and ``g_i^T mu_{c(i)}``."""
+    n = len(y)
+    A = np.empty((n, V.shape[0]))
+    g_mu = np.empty(n)
+    lab = torch.as_tensor(labels, device=fmodel.device)
+
+    def consume(idx, G, _):
+        A[idx] = (G @ V.T).cpu().numpy()
+        g_mu[idx] = (G * means[lab[idx]]).sum(1).cpu().numpy()
+
+    per_example_pass(fmodel, X, y, batch_size, consume, bar)
+    return A, g_mu
+
+
+class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
+    r"""Clustered influence functions (CiF): one cache, any number of subset queries.
+
+    Sketches the per-example gradients with a seeded Johnson-Lindenstrauss
+    map, clusters the sketches with :class:`~sklearn.cluster.MiniBatchKMeans`,
+    solves :math:`(G + \lambda I) v_c = \mu_c` once per cluster by conjugate
+    gradient and answers every removal query by recombining the ``v_c``.
+
+    Parameters
+    ----------
+    n_clusters : int, default=50
+        Number of gradient clusters ``C`` (clusters left empty by k-means are
+        dropped, see ``n_clusters_``).
+    sketch_dim : int, default=256
+        Sketch dimension ``k``.
+    damping : float, default=1e-3
+        :math:`\lambda`; equals the training L2 coefficient for the removal
+        objective of DESIGN §1 (skorch: the optimizer's ``weight_decay``).
+    cg_tol : float, default=1e-5
+        Target relative residual of each CG solve.
+    cg_maxiter : int or None, default=None
+        CG iteration cap (``None``: 1000).
+    batch_size : int, default=256
+        Examples per data batch in every pass.
+    loss : None, str or callable, default=None
+        ``"cross_entropy"`` (logits), ``"nll"`` (log-probabilities), ``"mse"``,
+        ``"bce_logits"``, ``"nll_proba"`` (probabilities, skorch's classifier)
+        or a callable ``(output, y) -> per-example loss``. Required for a
+        plain ``torch.nn.Module``; derived from a skorch net's criterion.
+    params : None or list of str, default=None
+        Names of the parameters that count; all trainable ones by default.
+    sketch : {"countsketch", "gaussian"}, default="countsketch"
+        The JL map: a seeded CountSketch (``O(p)`` memory and cost per
+        example) or a dense Gaussian generated in seeded blocks.
+    device : str, default="auto"
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the sketch and k-means.
+    verbose : int, default=0
+        Progress bars (tqdm) when positive.
+    model : skorch net or torch.nn.Module, default=None
+        The trained model, so that scikit-learn tools can call ``fit(X, y)``.
+        :func:`~sklearn.base.clone` keeps this very object.
+
+    Attributes
+    ----------
+    labels_ : ndarray of shape (N,)
+        Cluster of each training example.
+    cluster_sizes_ : ndarray of shape (C,)
+        ``n_c``.
+    cluster_centers_ : ndarray of shape (C, k)
+        Mean sketch of each cluster.
+    responses_ : ndarray of shape (C, p)
+        ``v_c``, the CG solutions of :math:`(G + \lambda I) v_c = \mu_c`.
+    cluster_mean_norms_ : ndarray of shape (C,)
+        :math:`\|\mu_c\|`.
+    train_influence_ : ndarray of shape (N, C)
+        ``A[i, c] = g_i^T v_c``.
+    train_loss_ : ndarray of shape (N,)
+        Per-example training losses at the fitted parameters.
+    residual_sq_norms_ : ndarray of shape (N,)
+        :math:`\|g_i - \mu_{c(i)}\|^2`.
+    within_scatter_ : float
+        :math:`\mathrm{tr}(\bar\Sigma) = \frac1N \sum_i \|g_i - \mu_{c(i)}\|^2`.
+    cg_residuals_ : ndarray of shape (C,)
+        Final relative residual :math:`\rho_c` of each solve.
+    n_iter_ : ndarray of shape (C,)
+        CG iterations per cluster.
+    n_clusters_, n_samples_fit_, n_params_ : int
+    n_data_passes_, n_ggn_products_ : int
+        Work counters of the fit.
+    timings_ : dict
+        Seconds per phase: ``sketch``, ``cluster``, ``cluster_means``,
+        ``solve``, ``influence``.
+    model_fingerprint_, data_fingerprint_ : str
+        SHA-1 of the model parameters and of the training data.
+
+    Notes
+    -----
+    For a subset ``S`` with ``m_c(S)`` members in cluster ``c``:
+
+    .. math:: \widehat{\Delta\theta}_S = \frac1N \sum_c m_c(S)\, v_c,
+              \qquad
+              \widehat{\Delta\ell}_S = \frac{1}{N m}\sum_{i \in S}\sum_c m_c(S) A_{ic}.
+
+    With ``n_clusters = N`` every example is its own cluster and CiF equals
+    per-query influence up to the solver tolerance.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_cif import ClusteredInfluenceEstimator
+    >>> X, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    >>> net = torch.nn.Linear(3, 2)
+    >>> est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
+    >>> est.fit(net, X, y).param_change([[0, 1, 2]]).shape
+    (1, 8)
+    """
+
+    def __init__(
+        self,
+        n_clusters=50,
+        *,
+        sketch_dim=256,
+        damping=1e-3,
+        cg_tol=1e-5,
+        cg_maxiter=None,
+        batch_size=256,
+        loss=None,
+        params=None,
+        sketch="countsketch",
+        device="auto",
+        random_state=None,
+        verbose=0,
+        model=None,
+    ):
+        self.n_clusters = n_clusters
+        self.sketch_dim = sketch_dim
+        self.damping = damping
+        self.cg_tol = cg_tol
+        self.cg_maxiter = cg_maxiter
+        self.batch_size = batch_size
+        self.loss = loss
+        self.params = params
+        self.sketch = sketch
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+        self.model = model
+
+    def fit(self, model, X=None, y=None):
+        """Build the cache: sketch, cluster, cluster means, solves, influences.
+
+        Parameters
+        ----------
+        model : skorch net or torch.nn.Module
+            The trained model. May be omitted (``fit(X, y)``) when the
+            ``model`` parameter is set.
+        X : array-like or tensor of shape (N, ...)
+            Training inputs.
+        y : array-like or tensor of shape (N, ...)
+            Training targets.
+
+        Returns
+        -------
+        self : ClusteredInfluenceEstimator
+        """
+        model, X, y = resolve_fit_args(self, model, X, y)
+        X, y = check_data(X, y)
+        n = len(y)
+        check_common_params(self)
+        check_scalar(self.n_clusters, "n_clusters", numbers.Integral, min_val=1, max_val=n)
+        check_scalar(self.sketch_dim, "sketch_dim", numbers.Integral, min_val=1)
+        fmodel = build_model(self, model)
+        rng = check_random_state(self.random_state)
+        sketch_seed, kmeans_seed = rng.randint(np.iinfo(np.int32).max, size=2)
+        sketch = make_sketch(self.sketch, fmodel.n_params, self.sketch_dim, sketch_seed)
+        timer = Timer()
+        bs = self.batch_size
+        with timer("sketch"), progress_bar(self.verbose, n, "sketch") as bar:
+            S, sq_norms, losses = _sketch_pass(fmodel, X, y, sketch, bs, bar)
+        with timer("cluster"):
+            labels = _cluster(S, self.n_clusters, kmeans_seed)
+        n_clusters = int(labels.max()) + 1
+        with timer("cluster_means"), progress_bar(self.verbose, n, "means") as bar:
+            means = _cluster_means(fmodel, X, y, labels, n_clusters, bs, bar)
+        op = DampedGGNOperator(fmodel, X, y, self.damping, bs)
+        with timer("solve"):
+            sol = batched_cg(op.matmat, means, tol=self.cg_tol, maxiter=self.cg_maxiter)
+        with timer("influence"), progress_bar(self.verbose, n, "influence") as bar:
+            A, g_mu = _influence_pass(fmodel, X, y, sol.x, means, labels, bs, bar)
+        mean_sq = (means * means).sum(1).cpu().numpy()
+        resid = np.maximum(sq_norms - 2 * g_mu + mean_sq[labels], 0.0)
+        sizes = np.bincount(labels, minlength=n_clusters)
+
+        self._fmodel = fmodel
+        self._sketch = sketch
+        self.labels_ = labels
+        self.cluster_sizes_ = sizes
+        self.cluster_centers_ = np.stack(
+            [np.bincount(labels, weights=S[:, j], minlength=n_clusters) for j in range(S.shape[1])],
+            axis=1,
+        ) / sizes[:, None]
+        self.responses_ = sol.x.cpu().numpy()
+        self.cluster_mean_norms_ = np.sqrt(mean_sq)
+        self.train_influence_ = A
+        self.train_loss_ = losses
+        self.residual_sq_norms_ = resid
+        self.within_scatter_ = float(resid.mean())
+        self.cg_residuals_ = sol.residuals
+        self.n_iter_ = sol.n_iter
+        self.n_clusters_ = n_clusters
+        self.n_samples_fit_ = n
+        self.n_params_ = fmodel.n_params
+        self.n_data_passes_ = 3 + op.n_passes
+        self.n_ggn_products_ = op.n_products
+        self.timings_ = dict(timer)
+        self.model_fingerprint_ = fmodel.fingerprint()
+        self.data_fingerprint_ = data_fingerprint(X, y)
+        return self
+
+    def fit_transform(self, model, X=None, y=None):
+        """Fit, then return the training influence coordinates ``train_influence_``."""
+        return self.fit(model, X, y).train_influence_
+
+    # -- queries ---------------------------------------------------------------
+    def _onehot(self):
+        n, c = self.n_samples_fit_, self.n_clusters_
+        return sp.csr_matrix((np.ones(n), (np.arange(n), self.labels_)), shape=(n, c))
+
+    def membership(self, subsets):
+        """Counts ``m_c(S)`` of each subset's members per cluster.
+
+        Parameters
+        ----------
+        subsets : index array, list of index arrays, (N,) mask or (Q, N) 0/1 matrix
+
+        Returns
+        -------
+        counts : scipy.sparse.csr_matrix of shape (Q, C)
+        """
+        check_is_fitted(self)
+        return self._indicator(subsets) @ self._onehot()
+
+    def param_change(self, subsets):
+        r"""Predicted :math:`\theta_{-S} - \theta` for each subset, ``(Q, p)``."""
+        check_is_fitted(self)
+        M = self.membership(subsets)
+        return np.asarray(M @ self.responses_.astype(np.float64)) / self.n_samples_fit_
+
+    def loss_change(self, subsets, X=None, y=None):
+        """Predicted change of a mean loss when each subset is removed, ``(Q,)``.
+
+        With ``X=None`` the loss is each subset's own mean training loss (the
+        held-out loss of a CV fold); otherwise the mean loss over ``(X, y)``.
+        Positive means removal raises the loss.
+        """
+        check_is_fitted(self)
+        ind = self._indicator(subsets)
+        M = ind @ self._onehot()
+        N = self.n_samples_fit_
+        if X is None and y is None:
+            T = ind @ self.train_influence_  # (Q, C) sums of A over S
+            m = np.asarray(ind.sum(1)).ravel()
+            return np.asarray(M.multiply(T).sum(1)).ravel() / (N * m)
+        g_v = self._eval_gradient(X, y).cpu().numpy().astype(np.float64)
+        alpha = self.responses_.astype(np.float64) @ g_v
+        return np.asarray(M @ alpha).ravel() / N
+
+    def transform(self, X, y):
+        r"""Influence coordinates :math:`\alpha_c(x) = \nabla\ell(x)^\top v_c`, ``(n, C)``."""
+        check_is_fitted(self)
+        fmodel = self._get_fmodel()
+        X, y = self._check_eval_data(X, y)
+        V = torch.as_tensor(self.responses_, device=fmodel.device)
+        out = np.empty((len(y), self.n_clusters_))
+
+        def consume(idx, G, _):
+            out[idx] = (G @ V.T).cpu().numpy()
+
+        per_example_pass(fmodel, X, y, self.batch_size, consume)
+        return out
+
+    def score(self, X, y):
+        """Fraction of the gradient scatter of (X, y) explained by the clusters.
+
+        ``1 - within / total`` in sketch space, each example assigned to its
+        nearest cluster center; 1.0 means every gradient equals its cluster
+        center.
+        """
+        check_is_fitted(self)
+        fmodel = self._get_fmodel()
+        X, y = self._check_eval_data(X, y)
+        S, _, _ = _sketch_pass(fmodel, X, y, self._sketch, self.batch_size, None)
+        nearest = pairwise_distances_argmin(S, self.cluster_centers_)
+        within = np.square(S - self.cluster_centers_[nearest]).sum()
+        total = np.square(S - S.mean(0)).sum()
+        return float(1.0 - within / total) if total > 0 else 1.0
+
+    def error_bound(self, subset_size):
+        r"""The paper's bound on :math:`E\|\Delta\theta_S - \widehat{\Delta\theta}_S\|`.
+
+        Parameters
+        ----------
+        subset_size : int
+            ``m = |S|``.
+
+        Returns
+        -------
+        bound : Bunch
+            ``scatter`` :math:`\frac{1}{\lambda N}\sqrt{\frac{m(N-m)}{N-1}\mathrm{tr}\bar\Sigma}`,
+            ``solver`` :math:`\frac{m}{\lambda N}\sum_c \frac{n_c}{N}\rho_c\|\mu_c\|`
+            and their sum ``total``.
+        """
+        check_is_fitted(self)
+        N = self.n_samples_fit_
+        m = check_scalar(subset_size, "subset_size", numbers.Integral, min_val=1, max_val=N)
+        lam = float(self.damping)
+        fpc = m * (N - m) / (N - 1) if N > 1 else 0.0
+        scatter = np.sqrt(fpc * self.within_scatter_) / (lam * N)
+        weights = self.cluster_sizes_ / N
+        solver = m / (lam * N) * float(np.sum(weights * self.cg_residuals_ * self.cluster_mean_norms_))
+        return Bunch(scatter=float(scatter), solver=float(solver), total=float(scatter + solver))
+
+
+class PerQueryInfluence(_BaseInfluence):
+    r"""Per-query influence functions: one CG solve per subset query.
+
+    The reference and the baseline for :class:`ClusteredInfluenceEstimator`:
+    for each subset ``S`` it solves
+    :math:`(G + \lambda I)\,x = \frac1N \sum_{i \in S} g_i` by conjugate
+    gradient. It keeps references to the model and the training data because
+    every query needs passes over them.
+
+    Parameters
+    ----------
+    damping, cg_tol, cg_maxiter, batch_size, loss, params, device, verbose, model
+        As in :class:`ClusteredInfluenceEstimator`.
+    query_mode : {"sequential", "batched"}, default="sequential"
+        ``"sequential"`` solves the queries one after another (the paper's
+        baseline); ``"batched"`` solves all queries of a call together, one
+        data pass per CG iteration for all of them (memory ``Q x p``).
+
+    Attributes
+    ----------
+    n_samples_fit_, n_params_ : int
+    model_fingerprint_, data_fingerprint_ : str
+    n_solves_ : int
+        Right-hand sides solved so far (grows with every query).
+    """
+
+    def __init__(
+        self,
+        *,
+        damping=1e-3,
+        cg_tol=1e-5,
+        cg_maxiter=None,
+        batch_size=256,
+        loss=None,
+        params=None,
+        device="auto",
+        query_mode="sequential",
+        verbose=0,
+        model=None,
+    ):
+        self.damping = damping
+        self.cg_tol = cg_tol
+        self.cg_maxiter = cg_maxiter
+        self.batch_size = batch_size
+        self.loss = loss
+        self.params = params
+        self.device = device
+        self.query_mode = query_mode
+        self.verbose = verbose
+        self.model = model
+
+    def fit(self, model, X=None, y=None):
+        """Validate and hold the model and training data for later solves.
+
+        Parameters
+        ----------
+        model : skorch net or torch.nn.Module
+        X, y : array-like or tensors
+            The training data.
+
+        Returns
+        -------
+        self : PerQueryInfluence
+        """
+        model, X, y = resolve_fit_args(self, model, X, y)
+        X, y = check_data(X, y)
+        check_common_params(self)
+        if self.query_mode not in ("sequential", "batched"):
+            raise ValueError(
+                f"query_mode={self.query_mode!r}; expected 'sequential' or 'batched'."
+            )
+        fmodel = build_model(self, model)
+        self._fmodel = fmodel
+        self._X, self._y = X, y
+        self.n_samples_fit_ = len(y)
+        self.n_params_ = fmodel.n_params
+        self.n_solves_ = 0
+        self.model_fingerprint_ = fmodel.fingerprint()
+        self.data_fingerprint_ = data_fingerprint(X, y)
+        return self
+
+    def _subset_sums(self, fmodel, ind):
+        """``a_S = sum_{i in S} g_i`` for every row of the indicator, ``(Q, p)``."""
+        out = torch.zeros(ind.shape[0], fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
+        for q in range(ind.shape[0]):
+            members = ind.indices[ind.indptr[q] : ind.indptr[q + 1]]
+            for sl in iter_batches(members.size, self.batch_size):
+                x, t = batch_tensors(fmodel, self._X, self._y, members[sl])
+                out[q] += summed_grad(fmodel, x, t)
+        return out
+
+    def _solve(self, fmodel, B):
+        op = DampedGGNOperator(fmodel, self._X, self._y, self.damping, self.batch_size)
+        kw = dict(tol=self.cg_tol, maxiter=self.cg_maxiter)
+        if self.query_mode == "batched":
+            sol = batched_cg(op.matmat, B, **kw).x
+        else:
+            sol = torch.cat([batched_cg(op.matmat, b[None], **kw).x for b in B])
+        self.n_solves_ += B.shape[0]
+        return sol
+
+    def _param_change(self, ind):
+        fmodel = self._get_fmodel()
+        sums = self._subset_sums(fmodel, ind)
+        return sums, self._solve(fmodel, sums / self.n_samples_fit_)
+
+    def param_change(self, subsets):
+        r"""Predicted :math:`\theta_{-S} - \theta` for each subset, ``(Q, p)``."""
+        check_is_fitted(self)
+        _, dtheta = self._param_change(self._indicator(subsets))
+        return dtheta.cpu().numpy().astype(np.float64)
+
+    def loss_change(self, subsets, X=None, y=None):
+        """Predicted change of each subset's own mean loss, or of the mean loss on (X, y)."""
+        check_is_fitted(self)
+        ind = self._indicator(subsets)
+        if X is None and y is None:
+            sums, dtheta = self._param_change(ind)
+            m = torch.as_tensor(np.diff(ind.indptr), dtype=sums.dtype, device=sums.device)
+            return ((sums / m[:, None]) * dtheta).sum(1).cpu().numpy().astype(np.float64)
+        g_v = self._eval_gradient(X, y)
+        _, dtheta = self._param_change(ind)
+        return (dtheta @ g_v).cpu().numpy().astype(np.float64)

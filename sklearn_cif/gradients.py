@@ -1,0 +1,93 @@
+"""Batched per-example loss gradients with ``torch.func``.
+
+``g_i = grad_theta l(f(x_i; theta), y_i)`` for a batch at once, by
+``vmap(grad(.))`` over ``functional_call``; modules that ``vmap`` cannot
+trace fall back to a plain per-example loop (slow but exact).
+"""
+
+import warnings
+
+import numpy as np
+import torch
+from torch.func import grad_and_value, vmap
+
+from sklearn_cif.exceptions import CIFWarning
+
+__all__ = ["iter_batches", "per_example_grads", "summed_grad"]
+
+
+def iter_batches(n, batch_size):
+    """Yield ``slice`` objects covering ``range(n)`` in order."""
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def _take(A, idx):
+    if torch.is_tensor(A):
+        return A[idx]
+    return A[idx] if isinstance(A, np.ndarray) else np.asarray(A)[idx]
+
+
+def batch_tensors(fmodel, X, y, index):
+    """The batch ``X[index], y[index]`` as device tensors."""
+    return fmodel.as_tensors(_take(X, index), None if y is None else _take(y, index))
+
+
+def _vmap_grads(fmodel, x, y):
+    def single_loss(theta, xi, yi):
+        return fmodel.losses(theta, xi[None], yi[None])[0]
+
+    grads, losses = vmap(grad_and_value(single_loss), in_dims=(None, 0, 0))(
+        fmodel.theta, x, y
+    )
+    return fmodel.flatten(grads, batch_dims=1), losses
+
+
+def _loop_grads(fmodel, x, y):
+    rows, losses = [], []
+    for i in range(x.shape[0]):
+        theta = {n: t.detach().requires_grad_(True) for n, t in fmodel.theta.items()}
+        loss = fmodel.losses(theta, x[i : i + 1], y[i : i + 1])[0]
+        g = torch.autograd.grad(loss, [theta[n] for n in fmodel.names])
+        rows.append(torch.cat([t.reshape(-1) for t in g]))
+        losses.append(loss.detach())
+    return torch.stack(rows), torch.stack(losses)
+
+
+def per_example_grads(fmodel, x, y, method=None):
+    """Per-example gradients ``(n, p)`` and losses ``(n,)`` for one batch.
+
+    Parameters
+    ----------
+    fmodel : FunctionalModel
+    x, y : torch.Tensor
+        A batch on ``fmodel.device``.
+    method : {None, "auto", "vmap", "loop"}
+        ``None`` uses the method this model last succeeded with. ``"auto"`` tries ``vmap`` and falls back to the loop (with a
+        :class:`~sklearn_cif.exceptions.CIFWarning`) when tracing fails.
+    """
+    method = method or fmodel.grad_method
+    if method == "loop":
+        return _loop_grads(fmodel, x, y)
+    try:
+        return _vmap_grads(fmodel, x, y)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        if method == "vmap":
+            raise
+        warnings.warn(
+            f"vmap could not compute per-example gradients ({exc}); falling back "
+            "to a per-example loop, which is much slower.",
+            CIFWarning,
+            stacklevel=2,
+        )
+        fmodel.grad_method = "loop"
+        return _loop_grads(fmodel, x, y)
+
+
+def summed_grad(fmodel, x, y, weights=None):
+    """``sum_i w_i g_i`` over a batch by one ordinary backward pass."""
+    theta = {n: t.detach().requires_grad_(True) for n, t in fmodel.theta.items()}
+    losses = fmodel.losses(theta, x, y)
+    total = losses.sum() if weights is None else (losses * weights).sum()
+    g = torch.autograd.grad(total, [theta[n] for n in fmodel.names])
+    return torch.cat([t.reshape(-1) for t in g])

@@ -1,0 +1,72 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from _oracles import dense_ggn
+
+from sklearn_cif.adapters import as_functional
+from sklearn_cif.curvature import DampedGGNOperator
+
+EPS64 = torch.finfo(torch.float64).eps
+CASES = {
+    "cross_entropy": lambda z, y: F.cross_entropy(z, y, reduction="none"),
+    "nll_proba": lambda z, y: F.nll_loss(torch.log(z + EPS64), y, reduction="none"),
+}
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll_proba"])
+def test_ggn_matches_dense_classification(tiny_classification, loss):
+    # The operator equals explicit (1/N) sum J^T H J + lambda I (CE on logits,
+    # skorch's NLL on softmax probabilities).
+    net, X, y = tiny_classification
+    if loss == "nll_proba":
+        net = torch.nn.Sequential(net, torch.nn.Softmax(-1))
+    fm = as_functional(net, loss=loss, device="cpu")
+    op = DampedGGNOperator(fm, X, y, damping=0.1, batch_size=7)
+    ref = dense_ggn(net, CASES[loss], X, y, 0.1)
+    torch.testing.assert_close(op.to_dense(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_ggn_matches_dense_mse_and_callable(tiny_regression):
+    # MSE closed form and the autograd output Hessian of a callable loss.
+    net, X, y = tiny_regression
+    mse = lambda z, t: ((z - t) ** 2).mean(1)  # noqa: E731
+    cubic = lambda z, t: ((z - t) ** 2).sum(1) + 0.1 * (z**4).sum(1)  # noqa: E731
+    for loss, ref_loss in [("mse", mse), (cubic, cubic)]:
+        fm = as_functional(net, loss=loss, device="cpu")
+        op = DampedGGNOperator(fm, X, y, damping=0.01, batch_size=10)
+        ref = dense_ggn(net, ref_loss, X, y, 0.01)
+        torch.testing.assert_close(op.to_dense(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_bce_logits_matches_dense():
+    # Binary cross-entropy on a single logit (skorch's binary classifier).
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    X = torch.randn(20, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (20, 1)).double()
+    fm = as_functional(net, loss="bce_logits", device="cpu")
+    op = DampedGGNOperator(fm, X, y, damping=0.05, batch_size=6)
+    ref_loss = lambda z, t: F.binary_cross_entropy_with_logits(z, t, reduction="none").mean(1)  # noqa: E731
+    torch.testing.assert_close(op.to_dense(), dense_ggn(net, ref_loss, X, y, 0.05))
+
+
+def test_callable_with_indefinite_hessian_is_clipped():
+    # A loss concave in the output has its negative output-Hessian
+    # eigenvalues clipped: the GGN part of the operator is then zero.
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2).double()
+    X, y = torch.randn(10, 3, dtype=torch.float64), torch.zeros(10, 2, dtype=torch.float64)
+    concave = lambda z, t: -(z**2).sum(1)  # noqa: E731
+    fm = as_functional(net, loss=concave, device="cpu")
+    op = DampedGGNOperator(fm, X, y, damping=0.5, batch_size=4)
+    torch.testing.assert_close(op.to_dense(), 0.5 * torch.eye(8, dtype=torch.float64))
+    assert fm.loss.n_clipped_ > 0
+
+
+def test_operator_counts_products_and_passes(tiny_classification):
+    # A block of r vectors costs one data pass and counts r products.
+    net, X, y = tiny_classification
+    fm = as_functional(net, loss="cross_entropy", device="cpu")
+    op = DampedGGNOperator(fm, X, y, damping=0.1, batch_size=100)
+    op.matmat(torch.randn(4, fm.n_params, dtype=torch.float64))
+    assert (op.n_passes, op.n_products) == (1, 4)

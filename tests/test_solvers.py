@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from sklearn_cif.solvers import batched_cg
+
+
+def _spd(p, cond, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
+    evals = torch.logspace(0, np.log10(cond), p, dtype=torch.float64)
+    return ((Q * evals) @ Q.T).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batched_cg_matches_dense_solve(dtype, tol, seed):
+    # Every column's CG solution equals torch.linalg.solve to the tolerance.
+    A = _spd(40, 1e3, seed, dtype)
+    B = torch.randn(6, 40, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    res = batched_cg(lambda V: V @ A, B, tol=tol, maxiter=2000)
+    ref = torch.linalg.solve(A.double(), B.double().T).T
+    err = torch.linalg.norm(res.x.double() - ref, dim=1) / torch.linalg.norm(ref, dim=1)
+    assert float(err.max()) < 1e3 * tol  # error <= condition number x residual
+    assert np.all(res.residuals < 2 * tol)
+    assert res.n_iter.shape == (6,) and np.all(res.n_iter > 0)
+
+
+def test_zero_rhs_and_deflation():
+    # A zero right-hand side needs no iteration; the others still converge.
+    A = _spd(20, 10, 0)
+    B = torch.randn(3, 20, dtype=torch.float64)
+    B[1] = 0
+    res = batched_cg(lambda V: V @ A, B, tol=1e-12)
+    assert res.n_iter[1] == 0 and torch.all(res.x[1] == 0)
+    torch.testing.assert_close(res.x @ A, B)
+
+
+def test_maxiter_gives_convergence_warning_with_residual():
+    # Stopping at maxiter warns, names the knobs, and keeps the residuals.
+    A = _spd(50, 1e6, 0)
+    B = torch.randn(2, 50, dtype=torch.float64)
+    with pytest.warns(ConvergenceWarning, match="cg_maxiter.*damping|maxiter=3"):
+        res = batched_cg(lambda V: V @ A, B, tol=1e-12, maxiter=3)
+    assert np.all(res.residuals > 1e-12) and np.all(res.n_iter == 3)
+
+
+def test_indefinite_operator_raises():
+    # A non positive-definite operator is a breakdown, not a result.
+    A = -torch.eye(5, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="damping"):
+        batched_cg(lambda V: V @ A, torch.ones(1, 5, dtype=torch.float64))
+
+
+def test_nonfinite_operator_raises():
+    # NaN coming out of the operator stops the solve with an error.
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        batched_cg(lambda V: V * float("nan"), torch.ones(2, 4, dtype=torch.float64))
