@@ -114,7 +114,7 @@ def data_fingerprint(X, y):
 def _check_finite_batch(G, losses, idx):
     bad = ~(torch.isfinite(G).all(1) & torch.isfinite(losses))
     if bool(bad.any()):
-        rows = (torch.flatnonzero(bad).cpu().numpy() + idx.start).tolist()
+        rows = (torch.nonzero(bad).flatten().cpu().numpy() + idx.start).tolist()
         raise FloatingPointError(
             f"Non-finite per-example gradients or losses for examples {rows[:20]}"
             f"{' ...' if len(rows) > 20 else ''}; check these inputs and targets."

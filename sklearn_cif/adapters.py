@@ -198,7 +198,7 @@ def model_fingerprint(*tensor_dicts):
         for name in sorted(d):
             t = d[name].detach().cpu().contiguous()
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -48,7 +48,7 @@ class _BaseInfluence(BaseEstimator):
     _model_free_state = ("_fmodel",)
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: never strip the live object
         for key in self._model_free_state:
             state.pop(key, None)
         return state
