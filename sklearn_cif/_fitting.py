@@ -88,10 +88,14 @@ def check_data(X, y):
 
 def check_common_params(est):
     """Validate the parameters every influence estimator shares."""
-    check_scalar(est.damping, "damping", numbers.Real, min_val=0, include_boundaries="neither")
+    check_scalar(
+        est.damping, "damping", numbers.Real, min_val=0, include_boundaries="neither"
+    )
     if not np.isfinite(est.damping):
         raise ValueError(f"damping={est.damping} must be finite.")
-    check_scalar(est.cg_tol, "cg_tol", numbers.Real, min_val=0, include_boundaries="neither")
+    check_scalar(
+        est.cg_tol, "cg_tol", numbers.Real, min_val=0, include_boundaries="neither"
+    )
     if est.cg_maxiter is not None:
         check_scalar(est.cg_maxiter, "cg_maxiter", numbers.Integral, min_val=1)
     check_scalar(est.batch_size, "batch_size", numbers.Integral, min_val=1)

@@ -23,7 +23,9 @@ def _check_indices(idx, n_samples, q):
             f"subsets[{q}] must be a 1-d array of indices; got shape {arr.shape}."
         )
     if arr.size == 0:
-        raise ValueError(f"subsets[{q}] is empty; every subset needs at least one index.")
+        raise ValueError(
+            f"subsets[{q}] is empty; every subset needs at least one index."
+        )
     if arr.dtype == bool:
         raise ValueError(
             f"subsets[{q}] is a boolean array inside a list; pass masks as a (Q, N) "
@@ -97,4 +99,6 @@ def subset_indicator(subsets, n_samples):
             rows = [_check_indices(arr, n_samples, 0)]
     indptr = np.concatenate([[0], np.cumsum([r.size for r in rows])])
     data = np.ones(indptr[-1])
-    return sp.csr_matrix((data, np.concatenate(rows), indptr), shape=(len(rows), n_samples))
+    return sp.csr_matrix(
+        (data, np.concatenate(rows), indptr), shape=(len(rows), n_samples)
+    )

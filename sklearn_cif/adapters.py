@@ -65,7 +65,11 @@ def _skorch_loss_name(net):
         return "mse"
     if isinstance(crit, torch.nn.BCEWithLogitsLoss):
         return "bce_logits"
-    kind = "NeuralNetBinaryClassifier" if isinstance(net, NeuralNetBinaryClassifier) else ""
+    kind = (
+        "NeuralNetBinaryClassifier"
+        if isinstance(net, NeuralNetBinaryClassifier)
+        else ""
+    )
     raise ValueError(
         f"Cannot derive a per-example loss from the {kind or 'skorch net'} "
         f"criterion {type(crit).__name__}; pass loss='cross_entropy', 'nll', "
@@ -156,7 +160,8 @@ class FunctionalModel:
         lead = flat.shape[:-1]
         chunks = torch.split(flat, self.sizes, dim=-1)
         return {
-            n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes)
+            n: c.reshape(*lead, *s)
+            for n, c, s in zip(self.names, chunks, self.shapes, strict=True)
         }
 
     # -- evaluation -----------------------------------------------------------

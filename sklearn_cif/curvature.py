@@ -87,5 +87,7 @@ class DampedGGNOperator:
 
     def to_dense(self):
         """The full ``p x p`` matrix (tests and tiny models only)."""
-        eye = torch.eye(self.fmodel.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device)
+        eye = torch.eye(
+            self.fmodel.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device
+        )
         return self.matmat(eye)

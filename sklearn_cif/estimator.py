@@ -125,7 +125,9 @@ def _cluster(S, n_clusters, seed):
 
 def _cluster_means(fmodel, X, y, labels, n_clusters, batch_size, bar):
     """Pass 2: full-space means ``mu_c`` (C, p) from per-example gradients."""
-    sums = torch.zeros(n_clusters, fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
+    sums = torch.zeros(
+        n_clusters, fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device
+    )
     lab = torch.as_tensor(labels, device=fmodel.device)
 
     def consume(idx, G, _):
@@ -302,7 +304,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         X, y = check_data(X, y)
         n = len(y)
         check_common_params(self)
-        check_scalar(self.n_clusters, "n_clusters", numbers.Integral, min_val=1, max_val=n)
+        check_scalar(
+            self.n_clusters, "n_clusters", numbers.Integral, min_val=1, max_val=n
+        )
         check_scalar(self.sketch_dim, "sketch_dim", numbers.Integral, min_val=1)
         fmodel = build_model(self, model)
         rng = check_random_state(self.random_state)
@@ -330,10 +334,16 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         self._sketch = sketch
         self.labels_ = labels
         self.cluster_sizes_ = sizes
-        self.cluster_centers_ = np.stack(
-            [np.bincount(labels, weights=S[:, j], minlength=n_clusters) for j in range(S.shape[1])],
-            axis=1,
-        ) / sizes[:, None]
+        self.cluster_centers_ = (
+            np.stack(
+                [
+                    np.bincount(labels, weights=S[:, j], minlength=n_clusters)
+                    for j in range(S.shape[1])
+                ],
+                axis=1,
+            )
+            / sizes[:, None]
+        )
         self.responses_ = sol.x.cpu().numpy()
         self.cluster_mean_norms_ = np.sqrt(mean_sq)
         self.train_influence_ = A
@@ -401,7 +411,11 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         return np.asarray(M @ alpha).ravel() / N
 
     def transform(self, X, y):
-        r"""Influence coordinates :math:`\alpha_c(x) = \nabla\ell(x)^\top v_c`, ``(n, C)``."""
+        r"""Influence coordinates of each example, ``(n, C)``.
+
+        :math:`\alpha_c(x) = \nabla\ell(x)^\top v_c`; their mean over a set V
+        is the paper's :math:`\alpha_c(V)`.
+        """
         check_is_fitted(self)
         fmodel = self._get_fmodel()
         X, y = self._check_eval_data(X, y)
@@ -441,19 +455,28 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         Returns
         -------
         bound : Bunch
-            ``scatter`` :math:`\frac{1}{\lambda N}\sqrt{\frac{m(N-m)}{N-1}\mathrm{tr}\bar\Sigma}`,
+            ``scatter``
+            :math:`\frac{1}{\lambda N}\sqrt{\frac{m(N-m)}{N-1}\mathrm{tr}\bar\Sigma}`,
             ``solver`` :math:`\frac{m}{\lambda N}\sum_c \frac{n_c}{N}\rho_c\|\mu_c\|`
             and their sum ``total``.
         """
         check_is_fitted(self)
         N = self.n_samples_fit_
-        m = check_scalar(subset_size, "subset_size", numbers.Integral, min_val=1, max_val=N)
+        m = check_scalar(
+            subset_size, "subset_size", numbers.Integral, min_val=1, max_val=N
+        )
         lam = float(self.damping)
         fpc = m * (N - m) / (N - 1) if N > 1 else 0.0
         scatter = np.sqrt(fpc * self.within_scatter_) / (lam * N)
         weights = self.cluster_sizes_ / N
-        solver = m / (lam * N) * float(np.sum(weights * self.cg_residuals_ * self.cluster_mean_norms_))
-        return Bunch(scatter=float(scatter), solver=float(solver), total=float(scatter + solver))
+        solver = (
+            m
+            / (lam * N)
+            * float(np.sum(weights * self.cg_residuals_ * self.cluster_mean_norms_))
+        )
+        return Bunch(
+            scatter=float(scatter), solver=float(solver), total=float(scatter + solver)
+        )
 
 
 class PerQueryInfluence(_BaseInfluence):
@@ -539,7 +562,9 @@ class PerQueryInfluence(_BaseInfluence):
 
     def _subset_sums(self, fmodel, ind):
         """``a_S = sum_{i in S} g_i`` for every row of the indicator, ``(Q, p)``."""
-        out = torch.zeros(ind.shape[0], fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
+        out = torch.zeros(
+            ind.shape[0], fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device
+        )
         for q in range(ind.shape[0]):
             members = ind.indices[ind.indptr[q] : ind.indptr[q + 1]]
             for sl in iter_batches(members.size, self.batch_size):
@@ -569,13 +594,17 @@ class PerQueryInfluence(_BaseInfluence):
         return dtheta.cpu().numpy().astype(np.float64)
 
     def loss_change(self, subsets, X=None, y=None):
-        """Predicted change of each subset's own mean loss, or of the mean loss on (X, y)."""
+        """Predicted change of each subset's own mean loss, or of the mean on (X, y)."""
         check_is_fitted(self)
         ind = self._indicator(subsets)
         if X is None and y is None:
             sums, dtheta = self._param_change(ind)
-            m = torch.as_tensor(np.diff(ind.indptr), dtype=sums.dtype, device=sums.device)
-            return ((sums / m[:, None]) * dtheta).sum(1).cpu().numpy().astype(np.float64)
+            m = torch.as_tensor(
+                np.diff(ind.indptr), dtype=sums.dtype, device=sums.device
+            )
+            return (
+                ((sums / m[:, None]) * dtheta).sum(1).cpu().numpy().astype(np.float64)
+            )
         g_v = self._eval_gradient(X, y)
         _, dtheta = self._param_change(ind)
         return (dtheta @ g_v).cpu().numpy().astype(np.float64)

@@ -63,7 +63,8 @@ def per_example_grads(fmodel, x, y, method=None):
     x, y : torch.Tensor
         A batch on ``fmodel.device``.
     method : {None, "auto", "vmap", "loop"}
-        ``None`` uses the method this model last succeeded with. ``"auto"`` tries ``vmap`` and falls back to the loop (with a
+        ``None`` uses the method this model last succeeded with. ``"auto"``
+        tries ``vmap`` and falls back to the loop (with a
         :class:`~sklearn_cif.exceptions.CIFWarning`) when tracing fails.
     """
     method = method or fmodel.grad_method

@@ -206,9 +206,9 @@ class CallableLoss(OutputLoss):
 
         flat = z.detach().reshape(z.shape[0], -1)
         hess = torch.func.vmap(
-            lambda zi, yi: torch.func.hessian(
-                lambda v: single(v.reshape(shape), yi)
-            )(zi)
+            lambda zi, yi: torch.func.hessian(lambda v: single(v.reshape(shape), yi))(
+                zi
+            )
         )(flat, y)
         evals, evecs = torch.linalg.eigh(hess)
         self.n_clipped_ += int((evals < 0).any(-1).sum())

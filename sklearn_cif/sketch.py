@@ -38,7 +38,9 @@ class CountSketch:
         self._bucket = torch.randint(
             self.sketch_dim, (self.n_features,), generator=gen, dtype=torch.int64
         )
-        self._sign = torch.randint(0, 2, (self.n_features,), generator=gen).mul_(2).sub_(1)
+        self._sign = (
+            torch.randint(0, 2, (self.n_features,), generator=gen).mul_(2).sub_(1)
+        )
         self._cache = {}
 
     def _on(self, device, dtype):

@@ -24,7 +24,9 @@ def make_f(module):
 
     def f(theta, x):
         chunks = torch.split(theta, sizes)
-        params = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
+        params = {
+            n: c.reshape(s) for n, c, s in zip(names, chunks, shapes, strict=True)
+        }
         return functional_call(eval_module, {**params, **buffers}, (x,))
 
     return f
@@ -52,9 +54,10 @@ def dense_ggn(module, loss_fn, X, y, damping):
     for i in range(len(X)):
         xi, yi = X[i : i + 1], y[i : i + 1]
         z = f(theta, xi).detach()
-        J = torch.autograd.functional.jacobian(lambda t: f(t, xi).reshape(-1), theta)
+        J = torch.autograd.functional.jacobian(lambda t: f(t, xi).reshape(-1), theta)  # noqa: B023
         H = torch.autograd.functional.hessian(
-            lambda zz: loss_fn(zz.reshape(z.shape), yi).sum(), z.reshape(-1)
+            lambda zz: loss_fn(zz.reshape(z.shape), yi).sum(),  # noqa: B023
+            z.reshape(-1),
         )
         G += J.T @ H @ J
     return G / len(X) + damping * torch.eye(p, dtype=theta.dtype)

@@ -6,7 +6,11 @@ from sklearn.datasets import load_digits
 
 def make_mlp(d_in, d_hidden, d_out, seed, dtype=torch.float64, softmax=False):
     torch.manual_seed(seed)
-    layers = [torch.nn.Linear(d_in, d_hidden), torch.nn.Tanh(), torch.nn.Linear(d_hidden, d_out)]
+    layers = [
+        torch.nn.Linear(d_in, d_hidden),
+        torch.nn.Tanh(),
+        torch.nn.Linear(d_hidden, d_out),
+    ]
     if softmax:
         layers.append(torch.nn.Softmax(dim=-1))
     return torch.nn.Sequential(*layers).to(dtype)

@@ -41,12 +41,17 @@ def test_ggn_matches_dense_mse_and_callable(tiny_regression):
 def test_bce_logits_matches_dense():
     # Binary cross-entropy on a single logit (skorch's binary classifier).
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)
+    ).double()
     X = torch.randn(20, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (20, 1)).double()
     fm = as_functional(net, loss="bce_logits", device="cpu")
     op = DampedGGNOperator(fm, X, y, damping=0.05, batch_size=6)
-    ref_loss = lambda z, t: F.binary_cross_entropy_with_logits(z, t, reduction="none").mean(1)  # noqa: E731
+
+    def ref_loss(z, t):
+        return F.binary_cross_entropy_with_logits(z, t, reduction="none").mean(1)
+
     torch.testing.assert_close(op.to_dense(), dense_ggn(net, ref_loss, X, y, 0.05))
 
 
@@ -55,7 +60,10 @@ def test_callable_with_indefinite_hessian_is_clipped():
     # eigenvalues clipped: the GGN part of the operator is then zero.
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2).double()
-    X, y = torch.randn(10, 3, dtype=torch.float64), torch.zeros(10, 2, dtype=torch.float64)
+    X, y = (
+        torch.randn(10, 3, dtype=torch.float64),
+        torch.zeros(10, 2, dtype=torch.float64),
+    )
     concave = lambda z, t: -(z**2).sum(1)  # noqa: E731
     fm = as_functional(net, loss=concave, device="cpu")
     op = DampedGGNOperator(fm, X, y, damping=0.5, batch_size=4)

@@ -21,7 +21,10 @@ def _rel(a, b):
 def _state(module):
     """Bytes of every tensor plus every flag a careless fit could flip."""
     tensors = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    flags = [(m.training, tuple(p.requires_grad for p in m.parameters(recurse=False))) for m in module.modules()]
+    flags = [
+        (m.training, tuple(p.requires_grad for p in m.parameters(recurse=False)))
+        for m in module.modules()
+    ]
     return tensors, flags
 
 
@@ -36,14 +39,20 @@ def test_cif_with_n_clusters_n_equals_per_query_equals_dense(tiny_classification
     net, X, y = tiny_classification
     lam = 0.05
     dense, g, H = dense_influence(net, CE, X, y, lam, SUBSETS)
-    cif = ClusteredInfluenceEstimator(30, loss="cross_entropy", damping=lam, cg_tol=1e-12, random_state=0)
+    cif = ClusteredInfluenceEstimator(
+        30, loss="cross_entropy", damping=lam, cg_tol=1e-12, random_state=0
+    )
     cif.fit(net, X, y)
-    pq = PerQueryInfluence(loss="cross_entropy", damping=lam, cg_tol=1e-12).fit(net, X, y)
+    pq = PerQueryInfluence(loss="cross_entropy", damping=lam, cg_tol=1e-12).fit(
+        net, X, y
+    )
     dense = dense.numpy()
     assert _rel(cif.param_change(SUBSETS), dense) < 1e-6
     assert _rel(pq.param_change(SUBSETS), dense) < 1e-6
     # self effect: mean gradient over S dotted with the parameter change
-    self_ref = np.array([g[s].mean(0).numpy() @ d for s, d in zip(SUBSETS, dense)])
+    self_ref = np.array(
+        [g[s].mean(0).numpy() @ d for s, d in zip(SUBSETS, dense, strict=True)]
+    )
     assert _rel(cif.loss_change(SUBSETS), self_ref) < 1e-6
     assert _rel(pq.loss_change(SUBSETS), self_ref) < 1e-6
     # effect on an evaluation set's mean loss
@@ -76,7 +85,9 @@ def test_linearity_over_disjoint_subsets(tiny_classification):
     net, X, y = tiny_classification
     S1, S2 = np.array([0, 5, 9]), np.array([2, 17, 28, 13])
     for est in (
-        ClusteredInfluenceEstimator(6, loss="cross_entropy", random_state=0, cg_tol=1e-10),
+        ClusteredInfluenceEstimator(
+            6, loss="cross_entropy", random_state=0, cg_tol=1e-10
+        ),
         PerQueryInfluence(loss="cross_entropy", cg_tol=1e-12, query_mode="batched"),
     ):
         est.fit(net, X, y)
@@ -103,10 +114,14 @@ def test_score_and_error_bound(tiny_classification):
     # score is 1 when every example is its own cluster and < 1 with few
     # clusters; the bound's terms follow their formulas from the fit.
     net, X, y = tiny_classification
-    full = ClusteredInfluenceEstimator(30, loss="cross_entropy", random_state=0).fit(net, X, y)
+    full = ClusteredInfluenceEstimator(30, loss="cross_entropy", random_state=0).fit(
+        net, X, y
+    )
     assert full.score(X, y) == pytest.approx(1.0)
     assert full.error_bound(5).scatter == pytest.approx(0.0, abs=1e-12)
-    few = ClusteredInfluenceEstimator(3, loss="cross_entropy", damping=0.1, random_state=0).fit(net, X, y)
+    few = ClusteredInfluenceEstimator(
+        3, loss="cross_entropy", damping=0.1, random_state=0
+    ).fit(net, X, y)
     assert 0.0 <= few.score(X, y) < 1.0
     # within-cluster scatter recomputed from explicit gradients
     from _oracles import loop_grads
@@ -116,7 +131,9 @@ def test_score_and_error_bound(tiny_classification):
     scatter = np.mean(np.sum((g - mu[few.labels_]) ** 2, 1))
     assert few.within_scatter_ == pytest.approx(scatter, rel=1e-8)
     b = few.error_bound(6)
-    assert b.scatter == pytest.approx(np.sqrt(6 * 24 / 29 * scatter) / (0.1 * 30), rel=1e-8)
+    assert b.scatter == pytest.approx(
+        np.sqrt(6 * 24 / 29 * scatter) / (0.1 * 30), rel=1e-8
+    )
     assert b.total == pytest.approx(b.scatter + b.solver) and b.solver >= 0
 
 
@@ -127,12 +144,18 @@ def test_model_is_never_mutated(digits):
     X, y = X[:120], y[:120]
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 10)
+        torch.nn.Linear(64, 16),
+        torch.nn.BatchNorm1d(16),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(16, 10),
     )
     net.train()
     net(torch.as_tensor(X))  # populate running statistics
     before = _state(net)
-    est = ClusteredInfluenceEstimator(5, loss="cross_entropy", sketch_dim=16, random_state=0).fit(net, X, y)
+    est = ClusteredInfluenceEstimator(
+        5, loss="cross_entropy", sketch_dim=16, random_state=0
+    ).fit(net, X, y)
     est.loss_change([np.arange(5)], X[:10], y[:10])
     est.transform(X[:10], y[:10])
     est.score(X, y)
@@ -146,7 +169,9 @@ def test_inference_mode_is_used(digits):
     X, y = digits
     X, y = X[:100], y[:100]
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 10)).train()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 10)
+    ).train()
     kw = dict(loss="cross_entropy", sketch_dim=16, random_state=0)
     a = ClusteredInfluenceEstimator(4, **kw).fit(net, X, y)
     b = ClusteredInfluenceEstimator(4, **kw).fit(net, X, y)
@@ -156,7 +181,11 @@ def test_inference_mode_is_used(digits):
 def test_queries_before_fit_raise():
     # Every query on an unfitted estimator raises NotFittedError.
     est = ClusteredInfluenceEstimator()
-    for call in (lambda: est.param_change([0]), lambda: est.loss_change([0]), lambda: est.membership([0])):
+    for call in (
+        lambda: est.param_change([0]),
+        lambda: est.loss_change([0]),
+        lambda: est.membership([0]),
+    ):
         with pytest.raises(NotFittedError):
             call()
     with pytest.raises(NotFittedError):
@@ -166,7 +195,9 @@ def test_queries_before_fit_raise():
 def test_stale_model_is_detected(tiny_classification):
     # A query that needs the model refuses to answer once its weights changed.
     net, X, y = tiny_classification
-    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0).fit(net, X, y)
+    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0).fit(
+        net, X, y
+    )
     with torch.no_grad():
         net[0].weight.add_(1.0)
     with pytest.raises(ValueError, match="changed since fit"):
@@ -178,7 +209,9 @@ def test_joblib_round_trip_without_model(tiny_classification, tmp_path):
     # A pickled estimator answers model-free queries bitwise identically and
     # asks for the model (set_params) for the rest.
     net, X, y = tiny_classification
-    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0).fit(net, X, y)
+    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0).fit(
+        net, X, y
+    )
     joblib.dump(est, tmp_path / "est.joblib")
     loaded = joblib.load(tmp_path / "est.joblib")
     for q in ("param_change", "loss_change", "membership"):
@@ -194,8 +227,12 @@ def test_joblib_round_trip_without_model(tiny_classification, tmp_path):
 def test_fit_with_model_parameter(tiny_classification):
     # fit(X, y) works when the model is given to the constructor.
     net, X, y = tiny_classification
-    a = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0, model=net).fit(X, y)
-    b = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0).fit(net, X, y)
+    a = ClusteredInfluenceEstimator(
+        4, loss="cross_entropy", random_state=0, model=net
+    ).fit(X, y)
+    b = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0).fit(
+        net, X, y
+    )
     assert np.array_equal(a.responses_, b.responses_)
 
 
@@ -204,7 +241,14 @@ def test_cg_maxiter_warns(tiny_classification):
     from sklearn.exceptions import ConvergenceWarning
 
     net, X, y = tiny_classification
-    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", damping=1e-6, cg_tol=1e-14, cg_maxiter=2, random_state=0)
+    est = ClusteredInfluenceEstimator(
+        4,
+        loss="cross_entropy",
+        damping=1e-6,
+        cg_tol=1e-14,
+        cg_maxiter=2,
+        random_state=0,
+    )
     with pytest.warns(ConvergenceWarning, match="cg_maxiter"):
         est.fit(net, X, y)
     assert np.all(est.cg_residuals_ > 1e-14) and np.all(est.n_iter_ == 2)

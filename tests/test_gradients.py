@@ -37,7 +37,10 @@ def test_vmap_grads_match_loop_mse_and_callable(tiny_regression):
     # MSE (mean over outputs) and a callable loss both match the loop oracle.
     net, X, y = tiny_regression
     huber = lambda z, t: F.huber_loss(z, t, reduction="none").sum(1)  # noqa: E731
-    for loss, ref_loss in [("mse", lambda z, t: ((z - t) ** 2).mean(1)), (huber, huber)]:
+    for loss, ref_loss in [
+        ("mse", lambda z, t: ((z - t) ** 2).mean(1)),
+        (huber, huber),
+    ]:
         fm = as_functional(net, loss=loss, device="cpu")
         G, _ = per_example_grads(fm, X, y)
         assert _rel(G, loop_grads(net, ref_loss, X, y)) < 1e-10
@@ -59,7 +62,10 @@ def test_cnn_on_images_matches_loop(digits):
     y = torch.as_tensor(y[:20])
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 10)
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(144, 10),
     ).double()
     fm = as_functional(net, loss="cross_entropy", device="cpu")
     G, _ = per_example_grads(fm, X, y)

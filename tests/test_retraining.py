@@ -19,8 +19,13 @@ def _objective(net, X, y, weights):
 
 def _train(net, X, y, weights, gtol):
     opt = torch.optim.LBFGS(
-        net.parameters(), lr=1, max_iter=500, tolerance_grad=1e-300,
-        tolerance_change=1e-300, history_size=50, line_search_fn="strong_wolfe",
+        net.parameters(),
+        lr=1,
+        max_iter=500,
+        tolerance_grad=1e-300,
+        tolerance_change=1e-300,
+        history_size=50,
+        line_search_fn="strong_wolfe",
     )
 
     def closure():
@@ -77,7 +82,11 @@ def test_param_change_is_derivative_of_retraining(logreg, subset):
     # Down-weighting S by eps and retraining moves theta by eps * param_change(S).
     net, X, y = logreg
     N = len(y)
-    S = np.array([17]) if subset == "one_point" else np.random.default_rng(0).choice(N, N // 50, replace=False)
+    S = (
+        np.array([17])
+        if subset == "one_point"
+        else np.random.default_rng(0).choice(N, N // 50, replace=False)
+    )
     eps = 1e-3
     w = torch.ones(N, dtype=torch.float64)
     w[S] = 1 - eps
@@ -85,9 +94,15 @@ def test_param_change_is_derivative_of_retraining(logreg, subset):
     retrained.load_state_dict(net.state_dict())  # warm start
     _train(retrained, X, y, w, gtol=1e-12)
     finite_diff = (_flat(retrained) - _flat(net)) / eps
-    kw = dict(loss="cross_entropy", damping=LAM, cg_tol=1e-10, cg_maxiter=5000, device="cpu")
+    kw = dict(
+        loss="cross_entropy", damping=LAM, cg_tol=1e-10, cg_maxiter=5000, device="cpu"
+    )
     pq = PerQueryInfluence(**kw).fit(net, X, y).param_change([S])[0]
-    cif = ClusteredInfluenceEstimator(N, random_state=0, **kw).fit(net, X, y).param_change([S])[0]
+    cif = (
+        ClusteredInfluenceEstimator(N, random_state=0, **kw)
+        .fit(net, X, y)
+        .param_change([S])[0]
+    )
     for pred in (pq, cif):
         rel = np.linalg.norm(pred - finite_diff) / np.linalg.norm(finite_diff)
         assert rel < 0.01, rel

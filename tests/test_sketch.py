@@ -20,7 +20,9 @@ def test_sketch_preserves_inner_products_in_expectation(cls):
     # JL property: E[<Sg, Sh>] = <g, h>; averaged over 200 seeds the error is small.
     g = torch.randn(1, 500, dtype=torch.float64)
     h = g + 0.5 * torch.randn(1, 500, dtype=torch.float64)
-    est = [float((s(g) * s(h)).sum()) for s in (cls(500, 32, seed) for seed in range(200))]
+    est = [
+        float((s(g) * s(h)).sum()) for s in (cls(500, 32, seed) for seed in range(200))
+    ]
     exact = float((g * h).sum())
     assert abs(np.mean(est) - exact) < 0.05 * abs(exact)
 
