@@ -105,10 +105,10 @@ def build_model(est, model):
     return as_functional(model, loss=est.loss, params=est.params, device=est.device)
 
 
-def data_fingerprint(X, y):
-    """SHA-1 of the training data's bytes (to detect a stale cache)."""
+def data_fingerprint(*arrays):
+    """SHA-1 of the arrays' shapes, dtypes and bytes (to detect a stale cache)."""
     h = hashlib.sha1()
-    for A in (X, y):
+    for A in arrays:
         a = A.detach().cpu().numpy() if torch.is_tensor(A) else np.asarray(A)
         h.update(f"{a.shape}{a.dtype}".encode())
         h.update(np.ascontiguousarray(a).tobytes())

@@ -10,14 +10,22 @@ flips, no in-place writes (STYLE.md, convention 2).
 import copy
 import hashlib
 import itertools
+import warnings
 
 import numpy as np
 import torch
 from sklearn.exceptions import NotFittedError
 
+from sklearn_cif.exceptions import CIFWarning
 from sklearn_cif.losses import resolve_loss
 
-__all__ = ["FunctionalModel", "as_functional", "resolve_device", "model_fingerprint"]
+__all__ = [
+    "FunctionalModel",
+    "as_functional",
+    "fingerprint_of",
+    "model_fingerprint",
+    "resolve_device",
+]
 
 
 def resolve_device(device):
@@ -32,10 +40,15 @@ def resolve_device(device):
             "or 'cuda'."
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={device!r} was requested but CUDA is not available on this "
-            "machine; use device='cpu' or device='auto'."
+        # skorch's behaviour: a cache or model moved from a GPU machine still
+        # works on a CPU-only one, with a warning.
+        warnings.warn(
+            f"device={device!r} was requested but CUDA is not available; computing "
+            "on the CPU instead. Pass device='cpu' or 'auto' to silence this.",
+            CIFWarning,
+            stacklevel=3,
         )
+        return torch.device("cpu")
     return dev
 
 
@@ -231,21 +244,35 @@ def as_functional(model, loss=None, params=None, device="auto"):
                 "before computing influences."
             )
         name = loss if loss is not None else _skorch_loss_name(model)
-        return FunctionalModel(
+        fmodel = FunctionalModel(
             model.module_,
             resolve_loss(name),
             params=params,
             device=dev,
             squeeze_output=isinstance(model, NeuralNetBinaryClassifier),
         )
-    if isinstance(model, torch.nn.Module):
+    elif isinstance(model, torch.nn.Module):
         if loss is None:
             raise ValueError(
                 "loss=None is only allowed for skorch nets; for a torch.nn.Module "
                 "pass loss='cross_entropy', 'nll', 'mse', 'bce_logits' or a callable."
             )
-        return FunctionalModel(model, resolve_loss(loss), params=params, device=dev)
-    raise TypeError(
-        "model must be a fitted skorch NeuralNet or a torch.nn.Module; got "
-        f"{type(model).__name__}."
-    )
+        fmodel = FunctionalModel(model, resolve_loss(loss), params=params, device=dev)
+    else:
+        raise TypeError(
+            "model must be a fitted skorch NeuralNet or a torch.nn.Module; got "
+            f"{type(model).__name__}."
+        )
+    fmodel.source_model = model  # the object the user passed (net or module)
+    return fmodel
+
+
+def fingerprint_of(model):
+    """Fingerprint of a skorch net's ``module_`` or of a torch module, as it is now."""
+    module = model.module_ if _is_skorch_net(model) else model
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(
+            "model must be a fitted skorch NeuralNet or a torch.nn.Module; got "
+            f"{type(model).__name__}."
+        )
+    return model_fingerprint(dict(module.named_parameters()), dict(module.named_buffers()))

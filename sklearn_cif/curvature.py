@@ -17,7 +17,20 @@ from torch.func import jvp, vjp, vmap
 
 from sklearn_cif.gradients import batch_tensors, iter_batches
 
-__all__ = ["DampedGGNOperator"]
+__all__ = ["DampedGGNOperator", "output_jvp"]
+
+
+def output_jvp(fmodel, x, V):
+    """Outputs ``f(x)`` ``(b, *out)`` and ``J(x) v_j`` ``(r, b, *out)`` for rows of ``V``.
+
+    ``vmap`` over the tangents of ``jvp``: one batched call for all ``r``.
+    """
+
+    def f(theta):
+        return fmodel.forward(theta, x)
+
+    out, JV = vmap(lambda t: jvp(f, (fmodel.theta,), (t,)))(fmodel.unflatten(V))
+    return out[0], JV
 
 
 class DampedGGNOperator:

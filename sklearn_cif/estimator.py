@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import pairwise_distances_argmin
 from sklearn.utils import Bunch, check_random_state
@@ -29,7 +29,7 @@ from sklearn_cif._fitting import (
     resolve_fit_args,
 )
 from sklearn_cif._subsets import subset_indicator
-from sklearn_cif.curvature import DampedGGNOperator
+from sklearn_cif.curvature import DampedGGNOperator, output_jvp
 from sklearn_cif.gradients import batch_tensors, iter_batches, summed_grad
 from sklearn_cif.sketch import make_sketch
 from sklearn_cif.solvers import batched_cg
@@ -45,13 +45,32 @@ class _BaseInfluence(BaseEstimator):
     query needs the model again, after checking the parameter fingerprint.
     """
 
-    _model_free_state = ("_fmodel",)
+    # Device state and references to the user's data are not pickled: a saved
+    # cache is C*p + N*C floats and loads on any machine.
+    _model_free_state = ("_fmodel", "_X", "_y")
 
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: never strip the live object
         for key in self._model_free_state:
             state.pop(key, None)
         return state
+
+    def get_params(self, deep=True):
+        """Parameters of this estimator; never recurses into ``model``.
+
+        The model is carried, not tuned: exposing a skorch net's own
+        parameters (``model__lr``...) would let tuning tools mutate the
+        user's fitted net.
+        """
+        return super().get_params(deep=False)
+
+    def __sklearn_clone__(self):
+        # FrozenEstimator semantics: the clone shares the very same model
+        # object (never rebuilds an unfitted skorch net, never deep-copies a
+        # GPU module); every other parameter is cloned as scikit-learn does.
+        params = self.get_params()
+        model = params.pop("model")
+        return type(self)(model=model, **{k: clone(v, safe=False) for k, v in params.items()})
 
     def _get_fmodel(self):
         fmodel = getattr(self, "_fmodel", None)
@@ -153,6 +172,31 @@ def _influence_pass(fmodel, X, y, V, means, labels, batch_size, bar):
     return A, g_mu
 
 
+def _output_pass(fmodel, X, y, V, batch_size):
+    """Pass 4: outputs ``f(x_i)`` (N, d) and ``J(x_i) v_c`` (N, C, d), no gradients.
+
+    They make first-order out-of-fold outputs model-free at query time:
+    ``f(x_i) + (1/N) sum_c m_c(S) J(x_i) v_c``.
+    """
+    n = len(y)
+    outputs, jv = None, None
+    for idx in iter_batches(n, batch_size):
+        x, _ = batch_tensors(fmodel, X, None, idx)
+        out, JV = output_jvp(fmodel, x, V)
+        out = out.reshape(out.shape[0], -1).detach().cpu().numpy()
+        JV = JV.reshape(JV.shape[0], JV.shape[1], -1).transpose(0, 1).cpu().numpy()
+        if outputs is None:
+            outputs = np.empty((n, out.shape[1]), dtype=out.dtype)
+            jv = np.empty((n, V.shape[0], out.shape[1]), dtype=out.dtype)
+        outputs[idx], jv[idx] = out, JV
+    return outputs, jv
+
+
+def _member_rows(ind):
+    """Query row of every stored member of a CSR indicator, ``(nnz,)``."""
+    return np.repeat(np.arange(ind.shape[0]), np.diff(ind.indptr))
+
+
 class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
     r"""Clustered influence functions (CiF): one cache, any number of subset queries.
 
@@ -213,6 +257,14 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         ``A[i, c] = g_i^T v_c``.
     train_loss_ : ndarray of shape (N,)
         Per-example training losses at the fitted parameters.
+    train_outputs_ : ndarray of shape (N, d)
+        Model outputs ``f(x_i)`` (flattened per example).
+    output_responses_ : ndarray of shape (N, C, d)
+        ``J(x_i) v_c``: first-order output change per unit of cluster ``c``.
+    response_gram_ : ndarray of shape (C, C)
+        ``v_c^T v_{c'}``, for parameter-change norms without ``(Q, p)`` arrays.
+    loss_name_ : str
+        The per-example loss used (``"cross_entropy"``, ``"nll_proba"``, ...).
     residual_sq_norms_ : ndarray of shape (N,)
         :math:`\|g_i - \mu_{c(i)}\|^2`.
     within_scatter_ : float
@@ -226,7 +278,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         Work counters of the fit.
     timings_ : dict
         Seconds per phase: ``sketch``, ``cluster``, ``cluster_means``,
-        ``solve``, ``influence``.
+        ``solve``, ``influence``, ``outputs``.
     model_fingerprint_, data_fingerprint_ : str
         SHA-1 of the model parameters and of the training data.
 
@@ -326,11 +378,14 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
             sol = batched_cg(op.matmat, means, tol=self.cg_tol, maxiter=self.cg_maxiter)
         with timer("influence"), progress_bar(self.verbose, n, "influence") as bar:
             A, g_mu = _influence_pass(fmodel, X, y, sol.x, means, labels, bs, bar)
+        with timer("outputs"):
+            outputs, out_resp = _output_pass(fmodel, X, y, sol.x, bs)
         mean_sq = (means * means).sum(1).cpu().numpy()
         resid = np.maximum(sq_norms - 2 * g_mu + mean_sq[labels], 0.0)
         sizes = np.bincount(labels, minlength=n_clusters)
 
         self._fmodel = fmodel
+        self._X, self._y = X, y  # references only, for fidelity checks
         self._sketch = sketch
         self.labels_ = labels
         self.cluster_sizes_ = sizes
@@ -345,6 +400,10 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
             / sizes[:, None]
         )
         self.responses_ = sol.x.cpu().numpy()
+        self.response_gram_ = (sol.x @ sol.x.T).cpu().numpy().astype(np.float64)
+        self.train_outputs_ = outputs
+        self.output_responses_ = out_resp
+        self.loss_name_ = fmodel.loss.name
         self.cluster_mean_norms_ = np.sqrt(mean_sq)
         self.train_influence_ = A
         self.train_loss_ = losses
@@ -355,7 +414,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         self.n_clusters_ = n_clusters
         self.n_samples_fit_ = n
         self.n_params_ = fmodel.n_params
-        self.n_data_passes_ = 3 + op.n_passes
+        self.n_data_passes_ = 4 + op.n_passes
         self.n_ggn_products_ = op.n_products
         self.timings_ = dict(timer)
         self.model_fingerprint_ = fmodel.fingerprint()
@@ -409,6 +468,27 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         g_v = self._eval_gradient(X, y).cpu().numpy().astype(np.float64)
         alpha = self.responses_.astype(np.float64) @ g_v
         return np.asarray(M @ alpha).ravel() / N
+
+    def _fold_effects(self, ind):
+        """Self effects of CSR subsets, all from the cache (no model needed).
+
+        Returns a Bunch with ``delta_loss`` (Q,), ``param_change_norm`` (Q,),
+        ``loss_in_sample`` (Q,) and ``oof_outputs`` (nnz, d): the first-order
+        outputs of every member with its own subset removed, in CSR order.
+        """
+        N = self.n_samples_fit_
+        M = np.asarray((ind @ self._onehot()).todense())
+        m = np.diff(ind.indptr)
+        T = ind @ self.train_influence_
+        gram_quad = np.einsum("qc,cd,qd->q", M, self.response_gram_, M)
+        rows = _member_rows(ind)
+        d_out = np.einsum("nc,ncd->nd", M[rows], self.output_responses_[ind.indices]) / N
+        return Bunch(
+            delta_loss=(M * T).sum(1) / (N * m),
+            param_change_norm=np.sqrt(np.maximum(gram_quad, 0.0)) / N,
+            loss_in_sample=np.asarray(ind @ self.train_loss_).ravel() / m,
+            oof_outputs=self.train_outputs_[ind.indices] + d_out,
+        )
 
     def transform(self, X, y):
         r"""Influence coordinates of each example, ``(n, C)``.
@@ -505,6 +585,9 @@ class PerQueryInfluence(_BaseInfluence):
         Right-hand sides solved so far (grows with every query).
     """
 
+    # Every query needs the training data, so it stays in the pickle.
+    _model_free_state = ("_fmodel",)
+
     def __init__(
         self,
         *,
@@ -555,6 +638,7 @@ class PerQueryInfluence(_BaseInfluence):
         self._X, self._y = X, y
         self.n_samples_fit_ = len(y)
         self.n_params_ = fmodel.n_params
+        self.loss_name_ = fmodel.loss.name
         self.n_solves_ = 0
         self.model_fingerprint_ = fmodel.fingerprint()
         self.data_fingerprint_ = data_fingerprint(X, y)
@@ -608,3 +692,24 @@ class PerQueryInfluence(_BaseInfluence):
         g_v = self._eval_gradient(X, y)
         _, dtheta = self._param_change(ind)
         return (dtheta @ g_v).cpu().numpy().astype(np.float64)
+
+    def _fold_effects(self, ind):
+        """Self effects of CSR subsets by one solve per subset (see CiF's)."""
+        fmodel = self._get_fmodel()
+        sums, dtheta = self._param_change(ind)
+        m = np.diff(ind.indptr)
+        mt = torch.as_tensor(m, dtype=sums.dtype, device=sums.device)
+        outputs, losses = [], np.zeros(ind.shape[0])
+        for q in range(ind.shape[0]):
+            members = ind.indices[ind.indptr[q] : ind.indptr[q + 1]]
+            for sl in iter_batches(members.size, self.batch_size):
+                x, t = batch_tensors(fmodel, self._X, self._y, members[sl])
+                out, jv = output_jvp(fmodel, x, dtheta[q][None])
+                losses[q] += float(fmodel.loss.value(out, t).sum()) / members.size
+                outputs.append((out + jv[0]).reshape(x.shape[0], -1).cpu().numpy())
+        return Bunch(
+            delta_loss=((sums / mt[:, None]) * dtheta).sum(1).cpu().numpy(),
+            param_change_norm=torch.linalg.vector_norm(dtheta, dim=1).cpu().numpy(),
+            loss_in_sample=losses,
+            oof_outputs=np.concatenate(outputs),
+        )

@@ -1,0 +1,411 @@
+"""Approximate cross-validation from one influence cache.
+
+:class:`InfluenceCV` predicts, for every fold of any scikit-learn splitter,
+the effect of removing its test indices from training, without retraining.
+:func:`influence_cross_validate` is a drop-in for
+:func:`sklearn.model_selection.cross_validate` built on it.
+"""
+
+import inspect
+import numbers
+import time
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
+from sklearn.metrics import check_scoring, make_scorer
+from sklearn.model_selection import check_cv
+from sklearn.utils.validation import check_is_fitted
+
+from sklearn_cif._fitting import check_data, data_fingerprint, is_model
+from sklearn_cif._subsets import subset_indicator
+from sklearn_cif.adapters import fingerprint_of
+from sklearn_cif.estimator import ClusteredInfluenceEstimator
+
+__all__ = ["InfluenceCV", "influence_cross_validate"]
+
+_CLASSIFICATION = ("cross_entropy", "nll", "nll_proba", "bce_logits")
+
+
+def _softmax(z):
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def outputs_to_proba(outputs, loss_name):
+    """Class probabilities from (first-order predicted) model outputs.
+
+    Logits (``cross_entropy``) and log-probabilities (``nll``) go through a
+    softmax; probabilities (``nll_proba``) are clipped to be positive and
+    renormalized (a first-order step can leave the simplex); a binary logit
+    (``bce_logits``) gives ``[1 - sigmoid, sigmoid]``.
+    """
+    if loss_name in ("cross_entropy", "nll"):
+        return _softmax(outputs)
+    if loss_name == "nll_proba":
+        p = np.clip(outputs, 1e-12, None)
+        return p / p.sum(1, keepdims=True)
+    if loss_name == "bce_logits":
+        s = 1.0 / (1.0 + np.exp(-outputs[:, 0]))
+        return np.stack([1 - s, s], axis=1)
+    raise ValueError(f"Outputs of a {loss_name!r} loss are not class scores.")
+
+
+class _HeldClassifier(ClassifierMixin, BaseEstimator):
+    """Serves fixed predictions of one fold to scikit-learn scorers."""
+
+    def __init__(self, proba=None, classes=None):
+        self.proba = proba
+        self.classes = classes
+
+    def fit(self, X=None, y=None):  # pragma: no cover - never fitted
+        return self
+
+    @property
+    def classes_(self):
+        return self.classes
+
+    def predict_proba(self, X):
+        return self.proba
+
+    def decision_function(self, X):
+        return self.proba[:, 1] if self.proba.shape[1] == 2 else self.proba
+
+    def predict(self, X):
+        return self.classes[np.argmax(self.proba, axis=1)]
+
+
+class _HeldRegressor(RegressorMixin, BaseEstimator):
+    """Serves fixed regression outputs of one fold to scikit-learn scorers."""
+
+    def __init__(self, values=None):
+        self.values = values
+
+    def fit(self, X=None, y=None):  # pragma: no cover - never fitted
+        return self
+
+    def predict(self, X):
+        return self.values
+
+
+def _holder(outputs, loss_name, classes):
+    if loss_name in _CLASSIFICATION:
+        return _HeldClassifier(outputs_to_proba(outputs, loss_name), classes)
+    return _HeldRegressor(outputs[:, 0] if outputs.shape[1] == 1 else outputs)
+
+
+def _with_labels(scorer, classes):
+    """Pass ``labels=classes`` to metrics that take them (e.g. ``log_loss``).
+
+    A small fold often misses some classes; ``log_loss`` then cannot tell
+    which probability column is which and raises. The model's classes are
+    known, so give them.
+    """
+    func = getattr(scorer, "_score_func", None)
+    if classes is None or func is None or "labels" in scorer._kwargs:
+        return scorer
+    if "labels" not in inspect.signature(func).parameters:
+        return scorer
+    return make_scorer(
+        func,
+        greater_is_better=scorer._sign > 0,
+        response_method=scorer._response_method,
+        **{**scorer._kwargs, "labels": classes},
+    )
+
+
+def _scorers(scoring, loss_name, classes=None):
+    """``({name: scorer}, is_multimetric)`` following ``cross_validate``'s keys."""
+    template = _HeldClassifier() if loss_name in _CLASSIFICATION else _HeldRegressor()
+
+    def get(s):
+        return _with_labels(check_scoring(template, s), classes)
+
+    if scoring is None:
+        return {"score": get("accuracy" if loss_name in _CLASSIFICATION else "r2")}, False
+    if isinstance(scoring, str) or callable(scoring):
+        return {"score": get(scoring)}, False
+    if isinstance(scoring, (list, tuple, set)):
+        return {name: get(name) for name in scoring}, True
+    if isinstance(scoring, dict):
+        return {name: get(s) for name, s in scoring.items()}, True
+    raise ValueError(
+        f"scoring={scoring!r} is not supported; pass None, a scorer name, a "
+        "callable, a list of names or a dict of scorers."
+    )
+
+
+def _model_classes(model, n_outputs, loss_name):
+    classes = getattr(model, "classes_", None)
+    if classes is None:
+        classes = np.arange(2 if loss_name == "bce_logits" else n_outputs)
+    return np.asarray(classes)
+
+
+class InfluenceCV(BaseEstimator):
+    """Approximate K-fold cross-validation of a trained model from one cache.
+
+    For every fold of ``cv`` it predicts the effect of removing the fold's
+    test indices from training: the parameter change, the change of the
+    fold's own loss and its first-order out-of-fold outputs
+    ``f(x) + J(x) dtheta``, scored like ``cross_validate`` would.
+
+    It is itself a splitter: ``split`` and ``get_n_splits`` delegate to
+    ``check_cv(cv)``, and splits are materialized once per dataset so that
+    ``cross_validate(net, X, y, cv=icv)`` runs real CV on exactly the folds
+    it predicted.
+
+    Parameters
+    ----------
+    estimator : ClusteredInfluenceEstimator or PerQueryInfluence, default=None
+        The influence estimator. Used as is when already fitted on the same
+        model and data (its cache is reused), else a clone is fitted. ``None``
+        means ``ClusteredInfluenceEstimator()``.
+    cv : int, splitter or iterable, default=5
+        As ``cv`` in :func:`~sklearn.model_selection.cross_validate`.
+    scoring : str, callable, list, dict or None, default=None
+        Scorers evaluated on the predicted out-of-fold outputs. ``None``:
+        accuracy for classification losses, R² for regression.
+
+    Attributes
+    ----------
+    estimator_ : estimator
+        The fitted influence estimator (the one given, when reused).
+    cv_results_ : dict of ndarray
+        One entry per fold: ``split``, ``n_test``, ``test_loss_in_sample``
+        (ℓ_V(θ)), ``delta_loss`` (predicted Δℓ), ``test_loss``
+        (ℓ_V(θ) + Δℓ), ``param_change_norm``, ``score_time`` and
+        ``test_score`` (one scorer) or ``test_<name>`` (several).
+    splits_ : list of (train, test) index arrays
+        The folds that were predicted.
+    fit_time_ : float
+        Seconds spent fitting the cache in ``fit`` (0 when reused).
+    oof_indices_, oof_outputs_ : ndarray
+        Every (fold, test example) pair's example index and its predicted
+        out-of-fold model output, fold after fold.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn.model_selection import KFold
+    >>> from sklearn_cif import ClusteredInfluenceEstimator, InfluenceCV
+    >>> X, y = torch.randn(60, 3), torch.randint(0, 2, (60,))
+    >>> net = torch.nn.Linear(3, 2)
+    >>> est = ClusteredInfluenceEstimator(5, loss="cross_entropy", random_state=0)
+    >>> icv = InfluenceCV(est, cv=KFold(6)).fit(net, X, y)
+    >>> icv.cv_results_["delta_loss"].shape
+    (6,)
+    """
+
+    def __init__(self, estimator=None, cv=5, scoring=None):
+        self.estimator = estimator
+        self.cv = cv
+        self.scoring = scoring
+
+    # -- splitter protocol ------------------------------------------------------
+    def _check_cv(self, y=None):
+        return check_cv(self.cv, y, classifier=False)
+
+    def split(self, X, y=None, groups=None):
+        """Yield the (train, test) folds of ``cv``, identical on every call."""
+        yield from self._materialize(X, y, groups)
+
+    def get_n_splits(self, X=None, y=None, groups=None):
+        """Number of folds of ``cv``."""
+        return self._check_cv(y).get_n_splits(X, y, groups)
+
+    def _materialize(self, X, y, groups):
+        # A splitter with a RandomState yields new folds per call: materialize
+        # once per (cv object, data) so that fit and split agree.
+        fp = [np.asarray(a) for a in (y, groups) if a is not None]
+        key = (id(self.cv), len(X), data_fingerprint(*fp))
+        cache = getattr(self, "_split_cache", None)
+        if cache is None or cache[0] != key:
+            splits = [
+                (np.asarray(tr), np.asarray(te))
+                for tr, te in self._check_cv(y).split(X, y, groups)
+            ]
+            self._split_cache = (key, splits)
+        return self._split_cache[1]
+
+    # -- fitting ------------------------------------------------------------
+    def _fit_estimator(self, model, X, y):
+        base = self.estimator if self.estimator is not None else ClusteredInfluenceEstimator()
+        fitted = hasattr(base, "model_fingerprint_")
+        if fitted and base.model_fingerprint_ == fingerprint_of(model) and (
+            base.data_fingerprint_ == data_fingerprint(X, y)
+        ):
+            return base, 0.0
+        start = time.perf_counter()
+        est = clone(base).fit(model, X, y)
+        return est, time.perf_counter() - start
+
+    def fit(self, model, X=None, y=None, groups=None):
+        """Predict the effect of removing every test fold of ``cv``.
+
+        Parameters
+        ----------
+        model : skorch net or torch.nn.Module
+            The trained model; may be omitted when ``estimator.model`` is set.
+        X, y : array-like or tensors
+            The training data.
+        groups : array-like of shape (N,), default=None
+            Group labels for group splitters.
+
+        Returns
+        -------
+        self : InfluenceCV
+        """
+        if not is_model(model) and getattr(self.estimator, "model", None) is not None:
+            model, X, y = self.estimator.model, model, X
+        X, y = check_data(X, y)
+        n = len(y)
+        splits = self._materialize(X, y, groups)
+        tests = []
+        for k, (_, test) in enumerate(splits):
+            test = np.asarray(test)
+            if test.size and (test.min() < 0 or test.max() >= n):
+                raise ValueError(
+                    f"cv={self.cv!r} produced test indices outside [0, {n}) in split "
+                    f"{k}; the splitter does not match the {n} training examples."
+                )
+            tests.append(test)
+        est, fit_time = self._fit_estimator(model, X, y)
+        ind = subset_indicator(tests, n)
+        eff = est._fold_effects(ind)
+        y_np = y.detach().cpu().numpy() if torch.is_tensor(y) else np.asarray(y)
+        n_out = eff.oof_outputs.shape[1]
+        classes = _model_classes(model, n_out, est.loss_name_)
+        scorers, multi = _scorers(self.scoring, est.loss_name_, classes)
+        results = self._score_folds(ind, eff, y_np, scorers, classes, est.loss_name_)
+        results.update(
+            split=np.arange(len(tests)),
+            n_test=np.diff(ind.indptr),
+            test_loss_in_sample=eff.loss_in_sample,
+            delta_loss=eff.delta_loss,
+            test_loss=eff.loss_in_sample + eff.delta_loss,
+            param_change_norm=eff.param_change_norm,
+        )
+        self.estimator_ = est
+        self.splits_ = splits
+        self.fit_time_ = fit_time
+        self.multimetric_ = multi
+        self.scorer_names_ = [f"test_{name}" for name in scorers]
+        self.oof_indices_ = ind.indices.copy()
+        self.oof_outputs_ = eff.oof_outputs
+        self.loss_name_ = est.loss_name_
+        self.classes_ = classes if est.loss_name_ in _CLASSIFICATION else None
+        self.n_samples_fit_ = n
+        self.cv_results_ = results
+        return self
+
+    def _score_folds(self, ind, eff, y, scorers, classes, loss_name):
+        scores = {name: np.empty(ind.shape[0]) for name in scorers}
+        score_time = np.empty(ind.shape[0])
+        for q in range(ind.shape[0]):
+            start = time.perf_counter()
+            lo, hi = ind.indptr[q], ind.indptr[q + 1]
+            held = _holder(eff.oof_outputs[lo:hi], loss_name, classes)
+            X_placeholder = ind.indices[lo:hi, None]  # scorers only pass X through
+            for name, scorer in scorers.items():
+                scores[name][q] = scorer(held, X_placeholder, y[ind.indices[lo:hi]])
+            score_time[q] = time.perf_counter() - start
+        return {"score_time": score_time, **{f"test_{k}": v for k, v in scores.items()}}
+
+    def predict_oof(self, method="output"):
+        """Predicted out-of-fold outputs of every example (like ``cross_val_predict``).
+
+        Parameters
+        ----------
+        method : {"output", "predict", "predict_proba"}, default="output"
+            Raw first-order outputs ``f(x) + J(x) dtheta`` ``(N, d)``, labels or
+            values, or class probabilities.
+
+        Returns
+        -------
+        predictions : ndarray of shape (N, ...)
+
+        Raises
+        ------
+        ValueError
+            When the test folds do not partition the training set.
+        """
+        check_is_fitted(self)
+        counts = np.bincount(self.oof_indices_, minlength=self.n_samples_fit_)
+        if np.any(counts != 1):
+            raise ValueError(
+                "predict_oof needs test folds that partition the data (each example "
+                "in exactly one test fold), as cross_val_predict does; this cv "
+                f"covers {np.sum(counts == 0)} examples 0 times and "
+                f"{np.sum(counts > 1)} more than once. Use cv_results_ instead."
+            )
+        out = np.empty_like(self.oof_outputs_)
+        out[self.oof_indices_] = self.oof_outputs_
+        if method == "output":
+            return out
+        if method not in ("predict", "predict_proba"):
+            raise ValueError(
+                f"method={method!r}; expected 'output', 'predict' or 'predict_proba'."
+            )
+        if self.classes_ is None:
+            if method == "predict_proba":
+                raise ValueError("predict_proba needs a classification loss.")
+            return out[:, 0] if out.shape[1] == 1 else out
+        proba = outputs_to_proba(out, self.loss_name_)
+        return proba if method == "predict_proba" else self.classes_[proba.argmax(1)]
+
+
+def influence_cross_validate(
+    model,
+    X,
+    y,
+    *,
+    groups=None,
+    cv=5,
+    scoring=None,
+    estimator=None,
+    return_indices=False,
+):
+    """Drop-in for :func:`sklearn.model_selection.cross_validate`, without retraining.
+
+    Builds (or reuses) one influence cache and predicts every fold's held-out
+    score from first-order out-of-fold outputs.
+
+    Parameters
+    ----------
+    model : skorch net or torch.nn.Module
+        The trained model.
+    X, y : array-like or tensors
+        The training data.
+    groups : array-like, default=None
+    cv : int, splitter or iterable, default=5
+    scoring : str, callable, list, dict or None, default=None
+    estimator : influence estimator, default=None
+        ``None`` means ``ClusteredInfluenceEstimator()``.
+    return_indices : bool, default=False
+        Add ``indices`` = ``{"train": [...], "test": [...]}``.
+
+    Returns
+    -------
+    scores : dict of ndarray
+        ``test_score`` (or ``test_<name>``), ``fit_time`` (the cache build
+        time shared evenly among the folds), ``score_time`` and optionally
+        ``indices``, shaped like ``cross_validate``'s.
+    """
+    if not isinstance(return_indices, (bool, np.bool_, numbers.Integral)):
+        raise TypeError(f"return_indices must be a bool; got {return_indices!r}.")
+    icv = InfluenceCV(estimator=estimator, cv=cv, scoring=scoring).fit(model, X, y, groups)
+    res = icv.cv_results_
+    k = len(icv.splits_)
+    out = {
+        "fit_time": np.full(k, icv.fit_time_ / k),
+        "score_time": res["score_time"],
+    }
+    out.update({key: res[key] for key in icv.scorer_names_})
+    if return_indices:
+        out["indices"] = {
+            "train": [tr for tr, _ in icv.splits_],
+            "test": [te for _, te in icv.splits_],
+        }
+    return out
