@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from sklearn.utils.validation import check_scalar
+from sklearn.utils.validation import check_array, check_scalar
 
 from sklearn_cif.adapters import _is_skorch_net, as_functional
 from sklearn_cif.gradients import (
@@ -52,7 +52,7 @@ def resolve_fit_args(est, model, X, y):
             "No model given: call fit(model, X, y) or set the `model` parameter and "
             "call fit(X, y)."
         )
-    if X is None or y is None:
+    if X is None:
         raise TypeError("fit needs X and y (the data the model was trained on).")
     return model, X, y
 
@@ -68,22 +68,58 @@ def _n_rows(A, name):
         ) from None
 
 
-def check_data(X, y):
-    """Validate lengths and finiteness; return ``(X, y)`` as arrays or tensors."""
-    X = X if torch.is_tensor(X) else np.asarray(X)
-    y = y if torch.is_tensor(y) else np.asarray(y)
-    n, ny = _n_rows(X, "X"), _n_rows(y, "y")
-    if n == 0:
-        raise ValueError("X is empty; influence needs at least one example.")
-    if n != ny:
+def _check_tensor(t, name, min_dim):
+    if t.is_complex():
+        raise ValueError(f"Complex data not supported: {name} is a complex tensor.")
+    if t.dim() < min_dim:
         raise ValueError(
-            f"X and y have inconsistent lengths: X has {n} rows, y has {ny}."
+            f"Expected a {min_dim}-d (or higher) {name}, got a {t.dim()}-d tensor of "
+            f"shape {tuple(t.shape)}; reshape it to (n_samples, ...)."
         )
-    for name, A in (("X", X), ("y", y)):
-        t = torch.as_tensor(A) if not torch.is_tensor(A) else A
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or infinity.")
+    if t.shape[0] == 0 or (min_dim == 2 and t[0].numel() == 0):
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); need >= 1 sample.")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"Input {name} contains NaN or infinity.")
+    return t
+
+
+def check_inputs(X):
+    """Validate X alone (see :func:`check_data`)."""
+    if torch.is_tensor(X):
+        return _check_tensor(X, "X", 2)
+    return check_array(X, dtype="numeric", allow_nd=True, input_name="X")
+
+
+def check_data(X, y):
+    """Validate X and y (arrays via ``check_array``, tensors alike), before any work.
+
+    X must be at least 2-d (N x features, or N x C x H x W), finite, real
+    and not sparse; y finite with one row per example. Integer X is kept as
+    is (token indices for embeddings); the module decides what it accepts.
+    """
+    X = check_inputs(X)
+    if y is None:
+        raise ValueError(
+            "This estimator requires y to be passed, but the target y is None: "
+            "influence needs the targets the model was trained on."
+        )
+    if torch.is_tensor(y):
+        y = _check_tensor(y, "y", 1)
+    else:
+        y = check_array(
+            y, dtype="numeric", ensure_2d=False, allow_nd=True, input_name="y"
+        )
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"X and y have inconsistent lengths: X has {X.shape[0]} rows, y has "
+            f"{y.shape[0]}."
+        )
     return X, y
+
+
+def n_features(X):
+    """Features per example: ``prod(X.shape[1:])``."""
+    return int(np.prod(X.shape[1:]))
 
 
 def check_common_params(est):

@@ -275,4 +275,6 @@ def fingerprint_of(model):
             "model must be a fitted skorch NeuralNet or a torch.nn.Module; got "
             f"{type(model).__name__}."
         )
-    return model_fingerprint(dict(module.named_parameters()), dict(module.named_buffers()))
+    return model_fingerprint(
+        dict(module.named_parameters()), dict(module.named_buffers())
+    )

@@ -21,7 +21,7 @@ __all__ = ["DampedGGNOperator", "output_jvp"]
 
 
 def output_jvp(fmodel, x, V):
-    """Outputs ``f(x)`` ``(b, *out)`` and ``J(x) v_j`` ``(r, b, *out)`` for rows of ``V``.
+    """Outputs ``f(x)`` and ``J(x) v_j`` (shape ``(r, b, *out)``) for rows of ``V``.
 
     ``vmap`` over the tangents of ``jvp``: one batched call for all ``r``.
     """

@@ -22,8 +22,10 @@ from sklearn_cif._fitting import (
     build_model,
     check_common_params,
     check_data,
+    check_inputs,
     data_fingerprint,
     mean_gradient,
+    n_features,
     per_example_pass,
     progress_bar,
     resolve_fit_args,
@@ -70,7 +72,9 @@ class _BaseInfluence(BaseEstimator):
         # GPU module); every other parameter is cloned as scikit-learn does.
         params = self.get_params()
         model = params.pop("model")
-        return type(self)(model=model, **{k: clone(v, safe=False) for k, v in params.items()})
+        return type(self)(
+            model=model, **{k: clone(v, safe=False) for k, v in params.items()}
+        )
 
     def _get_fmodel(self):
         fmodel = getattr(self, "_fmodel", None)
@@ -94,8 +98,17 @@ class _BaseInfluence(BaseEstimator):
         return subset_indicator(subsets, self.n_samples_fit_)
 
     def _check_eval_data(self, X, y):
-        if (X is None) != (y is None):
-            raise ValueError("Pass both X and y for an evaluation set, or neither.")
+        X = check_inputs(X)
+        if n_features(X) != self.n_features_in_:
+            raise ValueError(
+                f"X has {n_features(X)} features, but {type(self).__name__} is "
+                f"expecting {self.n_features_in_} features as input."
+            )
+        if y is None:
+            raise ValueError(
+                "y is required: influence quantities are gradients of the loss at "
+                "(x, y), so pass the targets with X."
+            )
         return check_data(X, y)
 
     def _eval_gradient(self, X, y):
@@ -413,6 +426,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         self.n_iter_ = sol.n_iter
         self.n_clusters_ = n_clusters
         self.n_samples_fit_ = n
+        self.n_features_in_ = n_features(X)
         self.n_params_ = fmodel.n_params
         self.n_data_passes_ = 4 + op.n_passes
         self.n_ggn_products_ = op.n_products
@@ -482,7 +496,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         T = ind @ self.train_influence_
         gram_quad = np.einsum("qc,cd,qd->q", M, self.response_gram_, M)
         rows = _member_rows(ind)
-        d_out = np.einsum("nc,ncd->nd", M[rows], self.output_responses_[ind.indices]) / N
+        d_out = (
+            np.einsum("nc,ncd->nd", M[rows], self.output_responses_[ind.indices]) / N
+        )
         return Bunch(
             delta_loss=(M * T).sum(1) / (N * m),
             param_change_norm=np.sqrt(np.maximum(gram_quad, 0.0)) / N,
@@ -490,7 +506,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
             oof_outputs=self.train_outputs_[ind.indices] + d_out,
         )
 
-    def transform(self, X, y):
+    def transform(self, X, y=None):
         r"""Influence coordinates of each example, ``(n, C)``.
 
         :math:`\alpha_c(x) = \nabla\ell(x)^\top v_c`; their mean over a set V
@@ -637,6 +653,7 @@ class PerQueryInfluence(_BaseInfluence):
         self._fmodel = fmodel
         self._X, self._y = X, y
         self.n_samples_fit_ = len(y)
+        self.n_features_in_ = n_features(X)
         self.n_params_ = fmodel.n_params
         self.loss_name_ = fmodel.loss.name
         self.n_solves_ = 0

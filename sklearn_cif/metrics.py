@@ -102,7 +102,9 @@ def fidelity_scorer(n_folds=20, *, effect="self", random_state=0):
         ).fit(estimator._get_fmodel().source_model, X_fit, y_fit)
         args = () if effect == "self" else (X, y)
         return float(
-            stats.spearmanr(estimator.loss_change(folds, *args), ref.loss_change(folds, *args)).statistic
+            stats.spearmanr(
+                estimator.loss_change(folds, *args), ref.loss_change(folds, *args)
+            ).statistic
         )
 
     return score

@@ -123,7 +123,9 @@ def _scorers(scoring, loss_name, classes=None):
         return _with_labels(check_scoring(template, s), classes)
 
     if scoring is None:
-        return {"score": get("accuracy" if loss_name in _CLASSIFICATION else "r2")}, False
+        return {
+            "score": get("accuracy" if loss_name in _CLASSIFICATION else "r2")
+        }, False
     if isinstance(scoring, str) or callable(scoring):
         return {"score": get(scoring)}, False
     if isinstance(scoring, (list, tuple, set)):
@@ -231,10 +233,16 @@ class InfluenceCV(BaseEstimator):
 
     # -- fitting ------------------------------------------------------------
     def _fit_estimator(self, model, X, y):
-        base = self.estimator if self.estimator is not None else ClusteredInfluenceEstimator()
+        base = (
+            self.estimator
+            if self.estimator is not None
+            else ClusteredInfluenceEstimator()
+        )
         fitted = hasattr(base, "model_fingerprint_")
-        if fitted and base.model_fingerprint_ == fingerprint_of(model) and (
-            base.data_fingerprint_ == data_fingerprint(X, y)
+        if (
+            fitted
+            and base.model_fingerprint_ == fingerprint_of(model)
+            and (base.data_fingerprint_ == data_fingerprint(X, y))
         ):
             return base, 0.0
         start = time.perf_counter()
@@ -297,6 +305,7 @@ class InfluenceCV(BaseEstimator):
         self.loss_name_ = est.loss_name_
         self.classes_ = classes if est.loss_name_ in _CLASSIFICATION else None
         self.n_samples_fit_ = n
+        self.n_features_in_ = est.n_features_in_
         self.cv_results_ = results
         return self
 
@@ -395,7 +404,9 @@ def influence_cross_validate(
     """
     if not isinstance(return_indices, (bool, np.bool_, numbers.Integral)):
         raise TypeError(f"return_indices must be a bool; got {return_indices!r}.")
-    icv = InfluenceCV(estimator=estimator, cv=cv, scoring=scoring).fit(model, X, y, groups)
+    icv = InfluenceCV(estimator=estimator, cv=cv, scoring=scoring).fit(
+        model, X, y, groups
+    )
     res = icv.cv_results_
     k = len(icv.splits_)
     out = {
