@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-__all__ = ["CGResult", "batched_cg"]
+__all__ = ["CGResult", "batched_cg", "randomized_eigh"]
 
 
 @dataclass
@@ -115,3 +115,42 @@ def batched_cg(matmat, B, tol=1e-5, maxiter=None, verbose_name="CG"):
             stacklevel=3,
         )
     return CGResult(X, residuals, n_iter)
+
+
+def randomized_eigh(matmat, n, rank, *, n_oversamples=10, n_iter=2, generator=None, like=None):
+    """Top eigenpairs of a symmetric PSD operator by randomized subspace iteration.
+
+    Halko, Martinsson & Tropp (2011), Algorithm 4.4 + 5.3: ``n_iter`` power
+    iterations on ``rank + n_oversamples`` seeded Gaussian vectors, each one
+    ``matmat`` call, then a Rayleigh-Ritz step.
+
+    Parameters
+    ----------
+    matmat : callable
+        ``V (r, n) -> A V`` (rows are vectors).
+    n : int
+        Dimension.
+    rank : int
+        Eigenpairs wanted (capped at ``n``).
+    generator : torch.Generator
+        Seeds the starting block.
+    like : torch.Tensor
+        Supplies dtype and device.
+
+    Returns
+    -------
+    evals : torch.Tensor of shape (k,)
+        Ritz values, descending; ``k = min(rank + n_oversamples, n)``.
+    evecs : torch.Tensor of shape (k, n)
+        Orthonormal Ritz vectors (rows), in the same order.
+    """
+    k = min(rank + n_oversamples, n)
+    omega = torch.randn(k, n, generator=generator, dtype=torch.float64)
+    Q = torch.linalg.qr(omega.to(like).T).Q.T  # (k, n) orthonormal rows
+    for _ in range(n_iter):
+        Q = torch.linalg.qr(matmat(Q).T).Q.T
+    AQ = matmat(Q)
+    B = Q @ AQ.T
+    evals, W = torch.linalg.eigh((B + B.T) / 2)
+    order = torch.argsort(evals, descending=True)
+    return evals[order], W[:, order].T @ Q

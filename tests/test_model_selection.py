@@ -179,9 +179,11 @@ def test_influence_cv_is_a_splitter_for_cross_validate(digits_model):
 
     from sklearn.linear_model import LogisticRegression
 
-    res = cross_validate(
-        LogisticRegression(max_iter=50), X, y, cv=icv, return_indices=True
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a short LogisticRegression fit suffices
+        res = cross_validate(
+            LogisticRegression(max_iter=50), X, y, cv=icv, return_indices=True
+        )
     for (_, te), te2 in zip(icv.splits_, res["indices"]["test"], strict=True):
         np.testing.assert_array_equal(te, te2)
 
