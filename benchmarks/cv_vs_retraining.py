@@ -48,11 +48,20 @@ EPS = torch.finfo(torch.float64).eps
 def make_net():
     torch.manual_seed(0)
     module = torch.nn.Sequential(
-        torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10), torch.nn.Softmax(-1)
+        torch.nn.Linear(64, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 10),
+        torch.nn.Softmax(-1),
     )
     return NeuralNetClassifier(
-        module, max_epochs=100, lr=0.01, optimizer=torch.optim.Adam,
-        optimizer__weight_decay=LAM, batch_size=128, train_split=None, verbose=0,
+        module,
+        max_epochs=100,
+        lr=0.01,
+        optimizer=torch.optim.Adam,
+        optimizer__weight_decay=LAM,
+        batch_size=128,
+        train_split=None,
+        verbose=0,
     )
 
 
@@ -61,8 +70,15 @@ def retrain_removal(module, X, y, test, n_total):
     m = copy.deepcopy(module).double()
     keep = np.setdiff1d(np.arange(len(y)), test)
     Xk, yk = torch.as_tensor(X[keep], dtype=torch.float64), torch.as_tensor(y[keep])
-    opt = torch.optim.LBFGS(m.parameters(), lr=1, max_iter=1000, tolerance_grad=1e-10,
-                            tolerance_change=1e-14, history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        m.parameters(),
+        lr=1,
+        max_iter=1000,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -79,9 +95,11 @@ def retrain_removal(module, X, y, test, n_total):
 
 
 def compare(pred, actual):
-    return {"spearman": float(spearmanr(pred, actual).statistic),
-            "mae": float(np.mean(np.abs(pred - actual))),
-            "median_ratio_delta": None}
+    return {
+        "spearman": float(spearmanr(pred, actual).statistic),
+        "mae": float(np.mean(np.abs(pred - actual))),
+        "median_ratio_delta": None,
+    }
 
 
 def main():
@@ -93,8 +111,12 @@ def main():
     net = make_net().fit(X, y)
     cv = KFold(50, shuffle=True, random_state=0)
     # log_loss with the labels given: a 36-example fold may miss a class
-    nll = make_scorer(log_loss, greater_is_better=False, response_method="predict_proba",
-                      labels=np.arange(10))
+    nll = make_scorer(
+        log_loss,
+        greater_is_better=False,
+        response_method="predict_proba",
+        labels=np.arange(10),
+    )
     scoring = {"accuracy": "accuracy", "neg_log_loss": nll}
 
     t0 = time.perf_counter()
@@ -113,46 +135,69 @@ def main():
     pq = PerQueryInfluence(damping=LAM, query_mode="batched").fit(net, X, y)
     if_delta = pq.loss_change(tests)
     k = args.folds_retrain
-    warm = np.array([retrain_removal(net.module_, X, y, te, len(y)) for te in tests[:k]])
+    warm = np.array(
+        [retrain_removal(net.module_, X, y, te, len(y)) for te in tests[:k]]
+    )
     scratch = -real["test_neg_log_loss"]
     out = {
         "time_influence_cross_validate_s": t_icv,
         "time_cross_validate_s": t_cv,
         "speedup": t_cv / t_icv,
         "cif_vs_scratch_cv_50_folds": compare(res["test_loss"], scratch),
-        "if_vs_scratch_cv_50_folds": compare(res["test_loss_in_sample"] + if_delta, scratch),
+        "if_vs_scratch_cv_50_folds": compare(
+            res["test_loss_in_sample"] + if_delta, scratch
+        ),
         f"cif_vs_warm_retrain_{k}_folds": compare(res["test_loss"][:k], warm),
-        f"if_vs_warm_retrain_{k}_folds": compare((res["test_loss_in_sample"] + if_delta)[:k], warm),
-        "mean_test_accuracy": {"influence": float(fast["test_accuracy"].mean()),
-                               "real_cv": float(real["test_accuracy"].mean())},
+        f"if_vs_warm_retrain_{k}_folds": compare(
+            (res["test_loss_in_sample"] + if_delta)[:k], warm
+        ),
+        "mean_test_accuracy": {
+            "influence": float(fast["test_accuracy"].mean()),
+            "real_cv": float(real["test_accuracy"].mean()),
+        },
         "folds": [
-            {"fold": int(i), "in_sample": float(res["test_loss_in_sample"][i]),
-             "cif_test_loss": float(res["test_loss"][i]),
-             "if_test_loss": float(res["test_loss_in_sample"][i] + if_delta[i]),
-             "warm_retrain": float(warm[i]) if i < k else None,
-             "scratch_cv": float(scratch[i])}
+            {
+                "fold": int(i),
+                "in_sample": float(res["test_loss_in_sample"][i]),
+                "cif_test_loss": float(res["test_loss"][i]),
+                "if_test_loss": float(res["test_loss_in_sample"][i] + if_delta[i]),
+                "warm_retrain": float(warm[i]) if i < k else None,
+                "scratch_cv": float(scratch[i]),
+            }
             for i in range(len(tests))
         ],
     }
     for key in [k_ for k_ in out if k_.startswith(("cif_vs", "if_vs"))]:
         actual = scratch if "scratch" in key else warm
-        pred = res["test_loss"] if key.startswith("cif") else res["test_loss_in_sample"] + if_delta
+        pred = (
+            res["test_loss"]
+            if key.startswith("cif")
+            else res["test_loss_in_sample"] + if_delta
+        )
         pred = pred[: len(actual)]
         insample = res["test_loss_in_sample"][: len(actual)]
-        out[key]["median_ratio_delta"] = float(np.median((pred - insample) / (actual - insample)))
+        out[key]["median_ratio_delta"] = float(
+            np.median((pred - insample) / (actual - insample))
+        )
     path = pathlib.Path(__file__).parent / "results" / "cv_vs_retraining.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
-    print(f"influence_cross_validate K=50: {t_icv:.1f}s; cross_validate K=50: {t_cv:.1f}s; "
-          f"ratio {t_cv / t_icv:.1f}x")
+    print(
+        f"influence_cross_validate K=50: {t_icv:.1f}s; cross_validate K=50: {t_cv:.1f}s; "
+        f"ratio {t_cv / t_icv:.1f}x"
+    )
     for key, val in out.items():
         if isinstance(val, dict) and "spearman" in val:
-            print(f"{key:<32s} Spearman {val['spearman']:.3f}  MAE {val['mae']:.4f}  "
-                  f"median ratio of loss changes {val['median_ratio_delta']:.2f}")
+            print(
+                f"{key:<32s} Spearman {val['spearman']:.3f}  MAE {val['mae']:.4f}  "
+                f"median ratio of loss changes {val['median_ratio_delta']:.2f}"
+            )
     print("fold  in-sample  CiF-pred  IF-pred  warm-retrain  scratch-CV")
     for f in out["folds"][:k]:
-        print(f"{f['fold']:4d}  {f['in_sample']:.4f}    {f['cif_test_loss']:.4f}    "
-              f"{f['if_test_loss']:.4f}   {f['warm_retrain']:.4f}        {f['scratch_cv']:.4f}")
+        print(
+            f"{f['fold']:4d}  {f['in_sample']:.4f}    {f['cif_test_loss']:.4f}    "
+            f"{f['if_test_loss']:.4f}   {f['warm_retrain']:.4f}        {f['scratch_cv']:.4f}"
+        )
 
 
 if __name__ == "__main__":

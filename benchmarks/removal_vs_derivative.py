@@ -50,14 +50,21 @@ def main():
     X, y = load_digits(return_X_y=True)
     X, y = torch.as_tensor(X / 16.0), torch.as_tensor(y)
     N = len(y)
-    theta = fit_logreg(X, y, torch.ones(N, dtype=torch.float64), torch.zeros(650, dtype=torch.float64))
+    theta = fit_logreg(
+        X, y, torch.ones(N, dtype=torch.float64), torch.zeros(650, dtype=torch.float64)
+    )
     net = torch.nn.Linear(64, 10).double()
     with torch.no_grad():
         net.weight.copy_(theta[:640].reshape(10, 64))
         net.bias.copy_(theta[640:])
-    pq = PerQueryInfluence(loss="cross_entropy", damping=LAM, cg_tol=1e-10, cg_maxiter=5000).fit(net, X, y)
+    pq = PerQueryInfluence(
+        loss="cross_entropy", damping=LAM, cg_tol=1e-10, cg_maxiter=5000
+    ).fit(net, X, y)
     rng = np.random.default_rng(0)
-    for name, S in [("one point", np.array([17])), ("2% fold", rng.choice(N, N // 50, replace=False))]:
+    for name, S in [
+        ("one point", np.array([17])),
+        ("2% fold", rng.choice(N, N // 50, replace=False)),
+    ]:
         pred = pq.param_change([S])[0]
         eps = 1e-3
         w = torch.ones(N, dtype=torch.float64)
@@ -66,9 +73,11 @@ def main():
         w[S] = 0.0
         removal = (fit_logreg(X, y, w, theta) - theta).numpy()
         rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
-        print(f"{name:9s} |S|={len(S):3d}: derivative rel. error {rel(pred, deriv):.2e}; "
-              f"full removal rel. error {rel(pred, removal):.3f} "
-              f"(|pred|/|actual| = {np.linalg.norm(pred) / np.linalg.norm(removal):.3f})")
+        print(
+            f"{name:9s} |S|={len(S):3d}: derivative rel. error {rel(pred, deriv):.2e}; "
+            f"full removal rel. error {rel(pred, removal):.3f} "
+            f"(|pred|/|actual| = {np.linalg.norm(pred) / np.linalg.norm(removal):.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ X, y = load_digits(return_X_y=True)
 X = (X / 16.0).astype(np.float32)
 torch.manual_seed(0)
 module = torch.nn.Sequential(
-    torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10), torch.nn.Softmax(-1)
+    torch.nn.Linear(64, 32),
+    torch.nn.Tanh(),
+    torch.nn.Linear(32, 10),
+    torch.nn.Softmax(-1),
 )
 net = NeuralNetClassifier(
     module,
@@ -49,19 +52,39 @@ net = NeuralNetClassifier(
 # -------------------------
 cif = ClusteredInfluenceEstimator(50, damping=LAM, random_state=0)
 start = time.perf_counter()
-cv50 = InfluenceCV(cif, cv=KFold(50, shuffle=True, random_state=0),
-                   scoring=["accuracy", "neg_log_loss"]).fit(net, X, y)
+cv50 = InfluenceCV(
+    cif,
+    cv=KFold(50, shuffle=True, random_state=0),
+    scoring=["accuracy", "neg_log_loss"],
+).fit(net, X, y)
 t50 = time.perf_counter() - start
 start = time.perf_counter()
-cv100 = InfluenceCV(cv50.estimator_, cv=KFold(100, shuffle=True, random_state=0),
-                    scoring=["accuracy", "neg_log_loss"]).fit(net, X, y)
+cv100 = InfluenceCV(
+    cv50.estimator_,
+    cv=KFold(100, shuffle=True, random_state=0),
+    scoring=["accuracy", "neg_log_loss"],
+).fit(net, X, y)
 t100 = time.perf_counter() - start
-print(f"KFold(50): {t50:.2f}s including the cache; KFold(100) on the same cache: {t100:.2f}s")
+print(
+    f"KFold(50): {t50:.2f}s including the cache; KFold(100) on the same cache: {t100:.2f}s"
+)
 results = pd.DataFrame(cv50.cv_results_)
-print(results[["split", "n_test", "test_loss_in_sample", "delta_loss", "test_loss",
-               "test_accuracy"]].head())
-print(f"predicted CV accuracy K=50 {cv50.cv_results_['test_accuracy'].mean():.3f}, "
-      f"K=100 {cv100.cv_results_['test_accuracy'].mean():.3f}")
+print(
+    results[
+        [
+            "split",
+            "n_test",
+            "test_loss_in_sample",
+            "delta_loss",
+            "test_loss",
+            "test_accuracy",
+        ]
+    ].head()
+)
+print(
+    f"predicted CV accuracy K=50 {cv50.cv_results_['test_accuracy'].mean():.3f}, "
+    f"K=100 {cv100.cv_results_['test_accuracy'].mean():.3f}"
+)
 
 # %%
 # Real cross-validation on three of the same folds
@@ -71,14 +94,22 @@ print(f"predicted CV accuracy K=50 {cv50.cv_results_['test_accuracy'].mean():.3f
 few = cv50.splits_[:3]
 start = time.perf_counter()
 # log_loss needs the labels: a 36-example fold may miss a class
-nll = make_scorer(log_loss, greater_is_better=False, response_method="predict_proba",
-                  labels=np.arange(10))
+nll = make_scorer(
+    log_loss,
+    greater_is_better=False,
+    response_method="predict_proba",
+    labels=np.arange(10),
+)
 real = cross_validate(clone(net), X, y, cv=few, scoring=nll)
 t_real = time.perf_counter() - start
-table = pd.DataFrame({
-    "in-sample loss": cv50.cv_results_["test_loss_in_sample"][:3],
-    "predicted held-out loss": cv50.cv_results_["test_loss"][:3],
-    "real CV held-out loss": -real["test_score"],
-})
+table = pd.DataFrame(
+    {
+        "in-sample loss": cv50.cv_results_["test_loss_in_sample"][:3],
+        "predicted held-out loss": cv50.cv_results_["test_loss"][:3],
+        "real CV held-out loss": -real["test_score"],
+    }
+)
 print(table)
-print(f"real CV: {t_real / 3:.1f}s per fold; influence: {1e3 * t100 / 100:.2f}ms per fold")
+print(
+    f"real CV: {t_real / 3:.1f}s per fold; influence: {1e3 * t100 / 100:.2f}ms per fold"
+)

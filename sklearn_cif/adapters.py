@@ -194,13 +194,21 @@ class FunctionalModel:
     def as_tensors(self, X, y=None):
         """Move a data batch to the device; floating X gets the model dtype."""
         # np.require copies a read-only batch (torch cannot wrap it safely)
-        x = X if torch.is_tensor(X) else torch.as_tensor(np.require(X, requirements="W"))
+        x = (
+            X
+            if torch.is_tensor(X)
+            else torch.as_tensor(np.require(X, requirements="W"))
+        )
         if x.is_floating_point():
             x = x.to(self.dtype)
         x = x.to(self.device)
         if y is None:
             return x, None
-        t = y if torch.is_tensor(y) else torch.as_tensor(np.require(y, requirements="W"))
+        t = (
+            y
+            if torch.is_tensor(y)
+            else torch.as_tensor(np.require(y, requirements="W"))
+        )
         return x, self.loss.prepare_target(t.to(self.device), self.dtype)
 
     def fingerprint(self):

@@ -117,7 +117,9 @@ def batched_cg(matmat, B, tol=1e-5, maxiter=None, verbose_name="CG"):
     return CGResult(X, residuals, n_iter)
 
 
-def randomized_eigh(matmat, n, rank, *, n_oversamples=10, n_iter=2, generator=None, like=None):
+def randomized_eigh(
+    matmat, n, rank, *, n_oversamples=10, n_iter=2, generator=None, like=None
+):
     """Top eigenpairs of a symmetric PSD operator by randomized subspace iteration.
 
     Halko, Martinsson & Tropp (2011), Algorithm 4.4 + 5.3: ``n_iter`` power
