@@ -32,9 +32,14 @@ from sklearn_cif._fitting import (
 )
 from sklearn_cif._subsets import subset_indicator
 from sklearn_cif.curvature import DampedGGNOperator, output_jvp
-from sklearn_cif.gradients import batch_tensors, iter_batches, summed_grad
+from sklearn_cif.gradients import (
+    batch_tensors,
+    iter_batches,
+    per_example_grads,
+    summed_grad,
+)
 from sklearn_cif.sketch import make_sketch
-from sklearn_cif.solvers import batched_cg
+from sklearn_cif.solvers import SpectralPreconditioner, batched_cg, randomized_eigh
 
 __all__ = ["ClusteredInfluenceEstimator", "PerQueryInfluence"]
 
@@ -170,19 +175,71 @@ def _cluster_means(fmodel, X, y, labels, n_clusters, batch_size, bar):
     return sums / counts[:, None]
 
 
-def _influence_pass(fmodel, X, y, V, means, labels, batch_size, bar):
-    """Pass 3: ``A[i, c] = g_i^T v_c`` and ``g_i^T mu_{c(i)}``."""
+def _influence_pass(fmodel, X, y, V, means, labels, batch_size, bar, precond=None):
+    """Pass 3: ``A[i, c] = g_i^T v_c``, ``g_i^T mu_{c(i)}`` and ``r_i^T P r_i``.
+
+    ``r_i = g_i - mu_{c(i)}`` is the residual plain CiF drops; ``P`` the
+    spectral approximation of the inverse curvature (zeros without one).
+    """
     n = len(y)
     A = np.empty((n, V.shape[0]))
     g_mu = np.empty(n)
+    d_raw = np.zeros(n)
     lab = torch.as_tensor(labels, device=fmodel.device)
 
     def consume(idx, G, _):
+        mu = means[lab[idx]]
         A[idx] = (G @ V.T).cpu().numpy()
-        g_mu[idx] = (G * means[lab[idx]]).sum(1).cpu().numpy()
+        g_mu[idx] = (G * mu).sum(1).cpu().numpy()
+        if precond is not None:
+            d_raw[idx] = precond.quadratic_form(G - mu).cpu().numpy()
 
     per_example_pass(fmodel, X, y, batch_size, consume, bar)
-    return A, g_mu
+    return A, g_mu, d_raw
+
+
+def _spectral_preconditioner(op, rank, seed):
+    """``P ~ (G + lambda I)^{-1}``: top-``rank`` eigenpairs plus a scaled complement."""
+    p = op.fmodel.n_params
+    like = torch.empty(0, dtype=op.fmodel.dtype, device=op.fmodel.device)
+    gen = torch.Generator().manual_seed(int(seed))
+    evals, evecs = randomized_eigh(op.matmat, p, min(rank, p), generator=gen, like=like)
+    k = min(rank, p)
+    # The first Ritz value beyond the kept ones bounds the rest of the spectrum.
+    tail = evals[k] if evals.numel() > k else evals[-1]
+    return SpectralPreconditioner(evals[:k], evecs[:k], max(float(tail), op.damping))
+
+
+def _calibrate(fmodel, X, y, labels, means, op, precond, d_raw, est, seed):
+    """Scale ``s`` with ``r_i^T H^{-1} r_i ~ s * r_i^T P r_i``, from exact solves.
+
+    ``n_calibration`` random examples with a non-zero residual are solved
+    exactly (preconditioned CG); ``s`` is the ratio of the sums.
+    """
+    rng = np.random.RandomState(seed)
+    candidates = np.flatnonzero(d_raw > 0)
+    if candidates.size == 0:
+        return 0.0
+    idx = np.sort(
+        rng.choice(candidates, min(est.n_calibration, candidates.size), replace=False)
+    )
+    x, t = batch_tensors(fmodel, X, y, idx)
+    G, _ = per_example_grads(fmodel, x, t)
+    R = G - means[torch.as_tensor(labels[idx], device=G.device)]
+    sol = batched_cg(op.matmat, R, est.cg_tol, est.cg_maxiter, precond=precond)
+    exact = (R * sol.x).sum(1).sum().item()
+    return exact / float(d_raw[idx].sum())
+
+
+def _centers(S, labels, n_clusters):
+    """Mean sketch of each cluster, ``(C, k)``."""
+    sums = np.zeros((n_clusters, S.shape[1]))
+    np.add.at(sums, labels, S)
+    return sums / np.bincount(labels, minlength=n_clusters)[:, None]
+
+
+# residual_correction -> what the self effect adds to plain CiF (see Notes).
+_CORRECTIONS = {"auto": "full", "full": "full", "cross": "cross", "none": "none"}
 
 
 def _output_pass(fmodel, X, y, V, batch_size):
@@ -244,6 +301,20 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
     sketch : {"countsketch", "gaussian"}, default="countsketch"
         The JL map: a seeded CountSketch (``O(p)`` memory and cost per
         example) or a dense Gaussian generated in seeded blocks.
+    residual_correction : {"auto", "full", "cross", "none"}, default="auto"
+        What the *self* effect of a subset (a CV fold scored on itself) adds
+        to the paper's CiF: ``"none"`` is plain CiF, ``"cross"`` adds the
+        exact cluster-mean x residual terms from the cache, ``"full"`` also
+        the per-example self-influences :math:`r_i^\top H^{-1} r_i`
+        (estimated with a spectral approximation of :math:`H^{-1}` and
+        calibrated by exact solves). ``"auto"`` is ``"full"``, which measured
+        best (see Notes). ``param_change`` and evaluation-set effects are
+        plain CiF whatever this is.
+    correction_rank : int, default=64
+        Eigenpairs of the curvature in the spectral approximation; they also
+        precondition the CG solves.
+    n_calibration : int, default=32
+        Examples solved exactly to calibrate the self-influence scale.
     device : str, default="auto"
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     random_state : int, RandomState instance or None, default=None
@@ -262,6 +333,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         ``n_c``.
     cluster_centers_ : ndarray of shape (C, k)
         Mean sketch of each cluster.
+    explained_scatter_ : float
+        Fraction of the training gradients' sketch scatter explained by the
+        clusters, ``1 - within / total`` (``score`` on new data).
     responses_ : ndarray of shape (C, p)
         ``v_c``, the CG solutions of :math:`(G + \lambda I) v_c = \mu_c`.
     cluster_mean_norms_ : ndarray of shape (C,)
@@ -280,6 +354,14 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         The per-example loss used (``"cross_entropy"``, ``"nll_proba"``, ...).
     residual_sq_norms_ : ndarray of shape (N,)
         :math:`\|g_i - \mu_{c(i)}\|^2`.
+    self_influence_ : ndarray of shape (N,)
+        Calibrated :math:`r_i^\top H^{-1} r_i` (zeros unless ``"full"``).
+    correction_scale_ : float
+        Calibration scale of ``self_influence_``.
+    mean_response_products_ : ndarray of shape (C, C)
+        :math:`v_c^\top \mu_{c'}`.
+    correction_ : str
+        The resolved ``residual_correction``.
     within_scatter_ : float
         :math:`\mathrm{tr}(\bar\Sigma) = \frac1N \sum_i \|g_i - \mu_{c(i)}\|^2`.
     cg_residuals_ : ndarray of shape (C,)
@@ -329,6 +411,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         loss=None,
         params=None,
         sketch="countsketch",
+        residual_correction="auto",
+        correction_rank=64,
+        n_calibration=32,
         device="auto",
         random_state=None,
         verbose=0,
@@ -343,6 +428,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         self.loss = loss
         self.params = params
         self.sketch = sketch
+        self.residual_correction = residual_correction
+        self.correction_rank = correction_rank
+        self.n_calibration = n_calibration
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -368,72 +456,98 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         model, X, y = resolve_fit_args(self, model, X, y)
         X, y = check_data(X, y)
         n = len(y)
-        check_common_params(self)
-        check_scalar(
-            self.n_clusters, "n_clusters", numbers.Integral, min_val=1, max_val=n
-        )
-        check_scalar(self.sketch_dim, "sketch_dim", numbers.Integral, min_val=1)
+        correction = self._check_params(n)
         fmodel = build_model(self, model)
         rng = check_random_state(self.random_state)
-        sketch_seed, kmeans_seed = rng.randint(np.iinfo(np.int32).max, size=2)
-        sketch = make_sketch(self.sketch, fmodel.n_params, self.sketch_dim, sketch_seed)
-        timer = Timer()
-        bs = self.batch_size
+        seeds = rng.randint(np.iinfo(np.int32).max, size=4)  # one per consumer
+        sketch = make_sketch(self.sketch, fmodel.n_params, self.sketch_dim, seeds[0])
+        timer, bs = Timer(), self.batch_size
         with timer("sketch"), progress_bar(self.verbose, n, "sketch") as bar:
             S, sq_norms, losses = _sketch_pass(fmodel, X, y, sketch, bs, bar)
         with timer("cluster"):
-            labels = _cluster(S, self.n_clusters, kmeans_seed)
+            labels = _cluster(S, self.n_clusters, seeds[1])
         n_clusters = int(labels.max()) + 1
         with timer("cluster_means"), progress_bar(self.verbose, n, "means") as bar:
             means = _cluster_means(fmodel, X, y, labels, n_clusters, bs, bar)
         op = DampedGGNOperator(fmodel, X, y, self.damping, bs)
+        diagonal = correction == "full" and n_clusters < n  # C = N: no residuals
+        precond = None
+        if diagonal:
+            with timer("spectrum"):
+                precond = _spectral_preconditioner(op, self.correction_rank, seeds[2])
         with timer("solve"):
-            sol = batched_cg(op.matmat, means, tol=self.cg_tol, maxiter=self.cg_maxiter)
+            sol = batched_cg(
+                op.matmat, means, self.cg_tol, self.cg_maxiter, precond=precond
+            )
         with timer("influence"), progress_bar(self.verbose, n, "influence") as bar:
-            A, g_mu = _influence_pass(fmodel, X, y, sol.x, means, labels, bs, bar)
+            A, g_mu, d_raw = _influence_pass(
+                fmodel, X, y, sol.x, means, labels, bs, bar, precond
+            )
+        scale = 0.0
+        if diagonal:
+            with timer("calibration"):
+                scale = _calibrate(
+                    fmodel, X, y, labels, means, op, precond, d_raw, self, seeds[3]
+                )
         with timer("outputs"):
             outputs, out_resp = _output_pass(fmodel, X, y, sol.x, bs)
         mean_sq = (means * means).sum(1).cpu().numpy()
-        resid = np.maximum(sq_norms - 2 * g_mu + mean_sq[labels], 0.0)
-        sizes = np.bincount(labels, minlength=n_clusters)
 
         self._fmodel = fmodel
         self._X, self._y = X, y  # references only, for fidelity checks
         self._sketch = sketch
         self.labels_ = labels
-        self.cluster_sizes_ = sizes
-        self.cluster_centers_ = (
-            np.stack(
-                [
-                    np.bincount(labels, weights=S[:, j], minlength=n_clusters)
-                    for j in range(S.shape[1])
-                ],
-                axis=1,
-            )
-            / sizes[:, None]
-        )
+        self.cluster_sizes_ = np.bincount(labels, minlength=n_clusters)
+        self.cluster_centers_ = _centers(S, labels, n_clusters)
+        total = np.square(S - S.mean(0)).sum()
+        within = np.square(S - self.cluster_centers_[labels]).sum()
+        self.explained_scatter_ = float(1 - within / total) if total > 0 else 1.0
         self.responses_ = sol.x.cpu().numpy()
         self.response_gram_ = (sol.x @ sol.x.T).cpu().numpy().astype(np.float64)
+        self.mean_response_products_ = (
+            (sol.x @ means.T).cpu().numpy().astype(np.float64)
+        )
         self.train_outputs_ = outputs
         self.output_responses_ = out_resp
         self.loss_name_ = fmodel.loss.name
         self.cluster_mean_norms_ = np.sqrt(mean_sq)
         self.train_influence_ = A
         self.train_loss_ = losses
-        self.residual_sq_norms_ = resid
-        self.within_scatter_ = float(resid.mean())
+        self.residual_sq_norms_ = np.maximum(sq_norms - 2 * g_mu + mean_sq[labels], 0)
+        self.within_scatter_ = float(self.residual_sq_norms_.mean())
+        self.self_influence_ = scale * d_raw if diagonal else np.zeros(n)
+        self.correction_scale_ = float(scale)
+        self.correction_ = correction
         self.cg_residuals_ = sol.residuals
         self.n_iter_ = sol.n_iter
         self.n_clusters_ = n_clusters
         self.n_samples_fit_ = n
         self.n_features_in_ = n_features(X)
         self.n_params_ = fmodel.n_params
-        self.n_data_passes_ = 4 + op.n_passes
+        self.n_data_passes_ = 4 + int(diagonal) + op.n_passes
         self.n_ggn_products_ = op.n_products
         self.timings_ = dict(timer)
         self.model_fingerprint_ = fmodel.fingerprint()
         self.data_fingerprint_ = data_fingerprint(X, y)
         return self
+
+    def _check_params(self, n):
+        """Validate the parameters; return the resolved residual correction."""
+        check_common_params(self)
+        check_scalar(
+            self.n_clusters, "n_clusters", numbers.Integral, min_val=1, max_val=n
+        )
+        check_scalar(self.sketch_dim, "sketch_dim", numbers.Integral, min_val=1)
+        check_scalar(
+            self.correction_rank, "correction_rank", numbers.Integral, min_val=1
+        )
+        check_scalar(self.n_calibration, "n_calibration", numbers.Integral, min_val=1)
+        if self.residual_correction not in _CORRECTIONS:
+            raise ValueError(
+                f"residual_correction={self.residual_correction!r}; expected one of "
+                f"{list(_CORRECTIONS)}."
+            )
+        return _CORRECTIONS[self.residual_correction]
 
     def fit_transform(self, model, X=None, y=None):
         """Fit, then return the training influence coordinates ``train_influence_``."""
@@ -476,12 +590,29 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         M = ind @ self._onehot()
         N = self.n_samples_fit_
         if X is None and y is None:
-            T = ind @ self.train_influence_  # (Q, C) sums of A over S
-            m = np.asarray(ind.sum(1)).ravel()
-            return np.asarray(M.multiply(T).sum(1)).ravel() / (N * m)
+            return self._self_effect(ind, np.asarray(M.todense()))[0]
         g_v = self._eval_gradient(X, y).cpu().numpy().astype(np.float64)
         alpha = self.responses_.astype(np.float64) @ g_v
         return np.asarray(M @ alpha).ravel() / N
+
+    def _self_effect(self, ind, M):
+        r"""Each subset's own loss change with the residual correction, and plain CiF's.
+
+        Per-query IF is :math:`a^\top H^{-1} a / (N m)` with
+        :math:`a = \sum_{i\in S} g_i = a_\mu + b` (cluster means plus
+        residuals). Plain CiF keeps :math:`a^\top H^{-1} a_\mu`. ``"cross"``
+        adds :math:`a_\mu^\top H^{-1} b` exactly from the cache (``A`` and
+        :math:`\mu_c^\top v_{c'}`); ``"full"`` also adds the diagonal of
+        :math:`b^\top H^{-1} b`, the self-influences ``self_influence_``.
+        """
+        N, m = self.n_samples_fit_, np.diff(ind.indptr)
+        T = np.asarray(ind @ self.train_influence_)  # (Q, C): sum_{i in S} g_i^T v_c
+        kept = (M * T).sum(1)
+        if self.correction_ == "none":
+            return kept / (N * m), kept / (N * m)
+        cross = kept - np.einsum("qc,cd,qd->q", M, self.mean_response_products_, M)
+        diag = np.asarray(ind @ self.self_influence_).ravel()
+        return (kept + cross + diag) / (N * m), kept / (N * m)
 
     def _fold_effects(self, ind):
         """Self effects of CSR subsets, all from the cache (no model needed).
@@ -493,14 +624,17 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         N = self.n_samples_fit_
         M = np.asarray((ind @ self._onehot()).todense())
         m = np.diff(ind.indptr)
-        T = ind @ self.train_influence_
         gram_quad = np.einsum("qc,cd,qd->q", M, self.response_gram_, M)
         rows = _member_rows(ind)
         d_out = (
             np.einsum("nc,ncd->nd", M[rows], self.output_responses_[ind.indices]) / N
         )
+        delta, plain = self._self_effect(ind, M)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(delta != 0, 1 - plain / delta, 0.0)
         return Bunch(
-            delta_loss=(M * T).sum(1) / (N * m),
+            delta_loss=delta,
+            correction_share=share,
             param_change_norm=np.sqrt(np.maximum(gram_quad, 0.0)) / N,
             loss_in_sample=np.asarray(ind @ self.train_loss_).ravel() / m,
             oof_outputs=self.train_outputs_[ind.indices] + d_out,
@@ -726,6 +860,7 @@ class PerQueryInfluence(_BaseInfluence):
                 outputs.append((out + jv[0]).reshape(x.shape[0], -1).cpu().numpy())
         return Bunch(
             delta_loss=((sums / mt[:, None]) * dtheta).sum(1).cpu().numpy(),
+            correction_share=np.zeros(ind.shape[0]),
             param_change_norm=torch.linalg.vector_norm(dtheta, dim=1).cpu().numpy(),
             loss_in_sample=losses,
             oof_outputs=np.concatenate(outputs),

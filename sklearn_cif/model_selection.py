@@ -177,7 +177,9 @@ class InfluenceCV(BaseEstimator):
     cv_results_ : dict of ndarray
         One entry per fold: ``split``, ``n_test``, ``test_loss_in_sample``
         (ℓ_V(θ)), ``delta_loss`` (predicted Δℓ), ``test_loss``
-        (ℓ_V(θ) + Δℓ), ``param_change_norm``, ``score_time`` and
+        (ℓ_V(θ) + Δℓ), ``correction_share`` (the part of ``delta_loss`` that
+        the residual correction adds to plain CiF), ``param_change_norm``,
+        ``score_time`` and
         ``test_score`` (one scorer) or ``test_<name>`` (several).
     splits_ : list of (train, test) index arrays
         The folds that were predicted.
@@ -292,6 +294,7 @@ class InfluenceCV(BaseEstimator):
             n_test=np.diff(ind.indptr),
             test_loss_in_sample=eff.loss_in_sample,
             delta_loss=eff.delta_loss,
+            correction_share=eff.correction_share,
             test_loss=eff.loss_in_sample + eff.delta_loss,
             param_change_norm=eff.param_change_norm,
         )

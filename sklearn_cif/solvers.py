@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-__all__ = ["CGResult", "batched_cg", "randomized_eigh"]
+__all__ = ["CGResult", "SpectralPreconditioner", "batched_cg", "randomized_eigh"]
 
 
 @dataclass
@@ -37,8 +37,8 @@ class CGResult:
     n_iter: np.ndarray
 
 
-def batched_cg(matmat, B, tol=1e-5, maxiter=None, verbose_name="CG"):
-    """Solve ``A x_j = b_j`` for every row ``b_j`` of ``B`` by conjugate gradient.
+def batched_cg(matmat, B, tol=1e-5, maxiter=None, precond=None, verbose_name="CG"):
+    """Solve ``A x_j = b_j`` for every row ``b_j`` of ``B`` by (preconditioned) CG.
 
     Parameters
     ----------
@@ -50,24 +50,29 @@ def batched_cg(matmat, B, tol=1e-5, maxiter=None, verbose_name="CG"):
         Target relative residual ``||b - A x|| / ||b||``.
     maxiter : int or None
         Iteration cap per column; ``None`` means 1000.
+    precond : callable or None
+        ``R (r, p) -> M^{-1} R`` for a symmetric positive definite
+        ``M ~ A`` (e.g. :class:`SpectralPreconditioner`); ``None`` is plain CG.
 
     Notes
     -----
-    A column whose residual turns non-finite or grows by more than a factor
-    1e6 over the best seen is a breakdown (the operator is not SPD or the
-    arithmetic overflowed) and raises :class:`FloatingPointError`. Reaching
-    ``maxiter`` first gives a :class:`~sklearn.exceptions.ConvergenceWarning`.
+    A column whose residual turns non-finite or whose curvature ``p^T A p``
+    is not positive is a breakdown (the operator is not SPD in this
+    precision) and raises :class:`FloatingPointError`, as does a residual
+    growing above 1e6 times its best value. Reaching ``maxiter`` first gives a
+    :class:`~sklearn.exceptions.ConvergenceWarning`.
     """
     r_cols, p = B.shape
     maxiter = 1000 if maxiter is None else int(maxiter)
+    apply_m = precond if precond is not None else torch.clone
     bnorm = torch.linalg.vector_norm(B, dim=1)
     safe_bnorm = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
     X = torch.zeros_like(B)
     R = B.clone()
-    P = R.clone()
-    rs = (R * R).sum(1)
+    P = apply_m(R)
+    rz = (R * P).sum(1)
     n_iter = np.zeros(r_cols, dtype=np.int64)
-    rel = (rs.sqrt() / safe_bnorm).cpu().numpy()
+    rel = (bnorm / safe_bnorm).cpu().numpy()
     best = rel.copy()
     active = np.flatnonzero(rel > tol)
     for _ in range(maxiter):
@@ -76,28 +81,16 @@ def batched_cg(matmat, B, tol=1e-5, maxiter=None, verbose_name="CG"):
         a = torch.as_tensor(active, device=B.device)
         AP = matmat(P[a])
         pAp = (P[a] * AP).sum(1)
-        alpha = rs[a] / pAp
+        alpha = rz[a] / pAp
         X[a] += alpha[:, None] * P[a]
         R[a] -= alpha[:, None] * AP
-        rs_new = (R[a] * R[a]).sum(1)
-        beta = rs_new / rs[a]
-        P[a] = R[a] + beta[:, None] * P[a]
-        rs[a] = rs_new
+        Z = apply_m(R[a])
+        rz_new = (R[a] * Z).sum(1)
+        P[a] = Z + (rz_new / rz[a])[:, None] * P[a]
+        rz[a] = rz_new
         n_iter[active] += 1
-        rel_a = (rs_new.sqrt() / safe_bnorm[a]).cpu().numpy()
-        if not np.all(np.isfinite(rel_a)) or np.any(pAp.cpu().numpy() <= 0):
-            bad = active[~np.isfinite(rel_a) | (pAp.cpu().numpy() <= 0)]
-            raise FloatingPointError(
-                f"{verbose_name} broke down on right-hand sides {bad.tolist()[:10]} "
-                "(non-finite values or a non-positive curvature p^T A p); the "
-                "operator is not positive definite in this precision. Increase "
-                "`damping` or use float64 parameters."
-            )
-        if np.any(rel_a > 1e6 * best[active]):
-            raise FloatingPointError(
-                f"{verbose_name} diverged: the relative residual grew above 1e6 times "
-                "its best value. Increase `damping`."
-            )
+        rel_a = (torch.linalg.vector_norm(R[a], dim=1) / safe_bnorm[a]).cpu().numpy()
+        _check_breakdown(rel_a, pAp.cpu().numpy(), best[active], active, verbose_name)
         rel[active] = rel_a
         best[active] = np.minimum(best[active], rel_a)
         active = active[rel_a > tol]
@@ -115,6 +108,50 @@ def batched_cg(matmat, B, tol=1e-5, maxiter=None, verbose_name="CG"):
             stacklevel=3,
         )
     return CGResult(X, residuals, n_iter)
+
+
+def _check_breakdown(rel, pAp, best, active, name):
+    bad = ~np.isfinite(rel) | ~(pAp > 0)
+    if bad.any():
+        raise FloatingPointError(
+            f"{name} broke down on right-hand sides {active[bad].tolist()[:10]} "
+            "(non-finite values or a non-positive curvature p^T A p); the "
+            "operator is not positive definite in this precision. Increase "
+            "`damping` or use float64 parameters."
+        )
+    if np.any(rel > 1e6 * best):
+        raise FloatingPointError(
+            f"{name} diverged: the relative residual grew above 1e6 times its "
+            "best value. Increase `damping`."
+        )
+
+
+class SpectralPreconditioner:
+    r"""Low-rank-plus-complement approximation of :math:`A^{-1}`.
+
+    .. math:: P = U \mathrm{diag}(1/\theta) U^\top
+              + \frac{1}{\theta_\perp}(I - U U^\top)
+
+    with ``U`` (rows) the top eigenvectors of ``A``, ``theta`` their
+    eigenvalues and ``theta_perp`` the next one (an upper bound on the
+    remaining spectrum). Symmetric positive definite, so usable in CG.
+    """
+
+    def __init__(self, evals, evecs, tail):
+        self.evals = evals
+        self.evecs = evecs
+        self.tail = float(tail)
+
+    def __call__(self, R):
+        coef = R @ self.evecs.T  # (r, k)
+        return R / self.tail + (coef * (1 / self.evals - 1 / self.tail)) @ self.evecs
+
+    def quadratic_form(self, R):
+        """``r^T P r`` for every row of ``R`` without forming ``P r``."""
+        coef = R @ self.evecs.T
+        return (R * R).sum(1) / self.tail + (
+            coef**2 * (1 / self.evals - 1 / self.tail)
+        ).sum(1)
 
 
 def randomized_eigh(

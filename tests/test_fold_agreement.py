@@ -28,30 +28,39 @@ def digits_mlp(digits):
 
 
 @pytest.mark.slow
-def test_cif_agrees_with_per_query_on_kfold_self_effects(digits_mlp):
-    # Spearman of CiF vs per-query self loss_change over KFold(50)+KFold(100).
+@pytest.mark.parametrize(
+    "correction, min_rho, ratio_range",
+    [
+        # Plain CiF ranks folds like per-query IF but underestimates their size
+        # several-fold: it drops the within-cluster self-influence terms.
+        ("none", 0.6, (0.0, 0.5)),
+        # The residual correction restores both (issue 5 acceptance figures).
+        ("auto", 0.95, (0.8, 1.25)),
+    ],
+)
+def test_cif_agrees_with_per_query_on_kfold_self_effects(
+    digits_mlp, correction, min_rho, ratio_range
+):
+    # Spearman and median ratio of CiF vs per-query self loss_change over the
+    # 150 folds of KFold(50) + KFold(100).
     net, X, y = digits_mlp
     folds = {
         K: [te for _, te in KFold(K, shuffle=True, random_state=0).split(X)]
         for K in (50, 100)
     }
     kw = dict(loss="cross_entropy", damping=LAM, cg_tol=1e-5, device="cpu")
-    cif = ClusteredInfluenceEstimator(50, random_state=0, **kw).fit(net, X, y)
+    cif = ClusteredInfluenceEstimator(
+        50, random_state=0, residual_correction=correction, **kw
+    ).fit(net, X, y)
     pq = PerQueryInfluence(query_mode="batched", **kw).fit(net, X, y)
-    rho = {}
-    cif_all, pq_all = [], []
+    rho, ratio = {}, {}
     for K, fk in folds.items():
         a, b = cif.loss_change(fk), pq.loss_change(fk)
         rho[K] = spearmanr(a, b).statistic
-        cif_all.append(a)
-        pq_all.append(b)
-    pooled = spearmanr(np.concatenate(cif_all), np.concatenate(pq_all)).statistic
-    ratio = np.median(np.concatenate(cif_all) / np.concatenate(pq_all))
+        ratio[K] = np.median(a / b)
     print(
-        f"\nSpearman K=50 {rho[50]:.3f}  K=100 {rho[100]:.3f}  pooled {pooled:.3f}  "
-        f"median ratio CiF/IF {ratio:.3f}  score {cif.score(X, y):.3f}"
+        f"\n{correction}: Spearman K=50 {rho[50]:.3f} K=100 {rho[100]:.3f}; median "
+        f"ratio CiF/IF K=50 {ratio[50]:.3f} K=100 {ratio[100]:.3f}"
     )
-    # Plain CiF ranks folds like per-query IF but underestimates their size
-    # (it drops within-cluster self-influence; the fidelity issue corrects it).
-    assert rho[50] > 0.6 and rho[100] > 0.6 and pooled > 0.6
-    assert 0 < ratio < 1
+    assert min(rho.values()) > min_rho
+    assert all(ratio_range[0] < r < ratio_range[1] for r in ratio.values())
