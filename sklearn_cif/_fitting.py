@@ -137,8 +137,47 @@ def check_common_params(est):
     check_scalar(est.batch_size, "batch_size", numbers.Integral, min_val=1)
 
 
-def build_model(est, model):
-    return as_functional(model, loss=est.loss, params=est.params, device=est.device)
+def build_model(est, model, X=None, y=None):
+    """The functional model, probed on the data before any expensive pass."""
+    fmodel = as_functional(model, loss=est.loss, params=est.params, device=est.device)
+    if X is not None:
+        check_model_data(fmodel, X, y)
+    return fmodel
+
+
+_CLASS_LOSSES = ("cross_entropy", "nll", "nll_proba")
+
+
+def check_model_data(fmodel, X, y):
+    """Fail fast: X must fit the model and targets must fit its outputs.
+
+    One forward pass on a few examples catches a wrong feature shape; the
+    targets of a classification loss must be integer class indices below
+    the number of outputs, those of ``bce_logits`` in [0, 1].
+    """
+    x, _ = batch_tensors(fmodel, X, None, slice(0, min(len(y), 8)))
+    try:
+        with torch.no_grad():
+            out = fmodel.forward(fmodel.theta, x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ValueError(
+            f"X of shape {tuple(X.shape)} does not fit the model: the forward pass "
+            f"failed with {type(exc).__name__}: {exc}"
+        ) from None
+    name = fmodel.loss.name
+    yt = y if torch.is_tensor(y) else torch.as_tensor(np.asarray(y))
+    if name in _CLASS_LOSSES:
+        k = out.shape[1] if out.dim() > 1 else 1
+        if yt.is_floating_point() and not bool((yt == yt.round()).all()):
+            raise ValueError(f"y must hold integer class indices for loss={name!r}.")
+        lo, hi = int(yt.min()), int(yt.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(
+                f"y holds labels in [{lo}, {hi}] but the model has {k} outputs; "
+                f"loss={name!r} expects class indices in [0, {k - 1}]."
+            )
+    elif name == "bce_logits" and (float(yt.min()) < 0 or float(yt.max()) > 1):
+        raise ValueError("y must lie in [0, 1] for loss='bce_logits'.")
 
 
 def data_fingerprint(*arrays):

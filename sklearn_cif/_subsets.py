@@ -59,7 +59,9 @@ def _from_matrix(M, n_samples):
     empty = np.flatnonzero(np.diff(M.indptr) == 0)
     if empty.size:
         raise ValueError(f"Subsets {empty.tolist()[:10]} of the indicator are empty.")
-    return sp.csr_matrix(M, dtype=np.float64)
+    M = sp.csr_matrix(M, dtype=np.float64)
+    M.sort_indices()
+    return M
 
 
 def subset_indicator(subsets, n_samples):
@@ -99,6 +101,10 @@ def subset_indicator(subsets, n_samples):
             rows = [_check_indices(arr, n_samples, 0)]
     indptr = np.concatenate([[0], np.cumsum([r.size for r in rows])])
     data = np.ones(indptr[-1])
-    return sp.csr_matrix(
+    ind = sp.csr_matrix(
         (data, np.concatenate(rows), indptr), shape=(len(rows), n_samples)
     )
+    # Canonical (sorted) members: answers do not depend on the index order,
+    # bitwise (the summation order is fixed).
+    ind.sort_indices()
+    return ind

@@ -12,9 +12,12 @@ vectors (``vmap`` over the tangents of ``jvp`` and over the cotangents of
 the ``vjp``).
 """
 
+import warnings
+
 import torch
 from torch.func import jvp, vjp, vmap
 
+from sklearn_cif.exceptions import CIFWarning
 from sklearn_cif.gradients import batch_tensors, iter_batches
 
 __all__ = ["DampedGGNOperator", "output_jvp"]
@@ -63,6 +66,8 @@ class DampedGGNOperator:
         self.batch_size = int(batch_size)
         self.n_products = 0
         self.n_passes = 0
+        if hasattr(fmodel.loss, "n_clipped_"):
+            fmodel.loss.n_clipped_ = 0  # count the first pass only
 
     @property
     def shape(self):
@@ -85,6 +90,19 @@ class DampedGGNOperator:
         (JtHJV,) = vmap(vjp_fn)(HJV)
         return fm.flatten(JtHJV, batch_dims=1)
 
+    def _report_clipping(self):
+        # A callable loss whose output Hessian is not PSD is clipped (see
+        # losses.CallableLoss); say so once, after the first full pass.
+        clipped = getattr(self.fmodel.loss, "n_clipped_", 0)
+        if clipped:
+            warnings.warn(
+                f"The loss's Hessian with respect to the model output was not "
+                f"positive semi-definite for {clipped} of {self.n_samples} examples; "
+                "its negative eigenvalues were clipped to 0 (Gauss-Newton).",
+                CIFWarning,
+                stacklevel=4,
+            )
+
     def matmat(self, V):
         """Apply the damped GGN to the rows of ``V`` (``(r, p)`` or ``(p,)``)."""
         single = V.dim() == 1
@@ -96,6 +114,8 @@ class DampedGGNOperator:
         out = acc / self.n_samples + self.damping * V
         self.n_products += V.shape[0]
         self.n_passes += 1
+        if self.n_passes == 1:
+            self._report_clipping()
         return out[0] if single else out
 
     def to_dense(self):

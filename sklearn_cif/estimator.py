@@ -457,7 +457,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         X, y = check_data(X, y)
         n = len(y)
         correction = self._check_params(n)
-        fmodel = build_model(self, model)
+        fmodel = build_model(self, model, X, y)
         rng = check_random_state(self.random_state)
         seeds = rng.randint(np.iinfo(np.int32).max, size=4)  # one per consumer
         sketch = make_sketch(self.sketch, fmodel.n_params, self.sketch_dim, seeds[0])
@@ -549,6 +549,37 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
             )
         return _CORRECTIONS[self.residual_correction]
 
+    def save(self, path):
+        """Save the fitted cache to ``path`` in a format that runs no code on load.
+
+        A ``.npz`` file (arrays + JSON metadata with the package version);
+        the model and a callable ``loss`` are not stored. Read it back with
+        :meth:`load`. Unlike a joblib pickle, loading cannot execute code.
+        """
+        from sklearn_cif import __version__
+        from sklearn_cif._persistence import save_cache
+
+        check_is_fitted(self)
+        sketch = {
+            k: getattr(self._sketch, k) for k in ("n_features", "sketch_dim", "seed")
+        }
+        save_cache(self, path, __version__, {"sketch": sketch})
+
+    @classmethod
+    def load(cls, path):
+        """Load a cache written by :meth:`save` (``allow_pickle=False``).
+
+        Model-free queries answer at once; for ``transform``, ``score`` and
+        evaluation-set effects call ``set_params(model=...)`` (and ``loss=``
+        if it was a callable): the fingerprint check still applies.
+        """
+        from sklearn_cif import __version__
+        from sklearn_cif._persistence import load_cache
+
+        est, state = load_cache(path, cls, __version__)
+        est._sketch = make_sketch(est.sketch, **state["sketch"])
+        return est
+
     def fit_transform(self, model, X=None, y=None):
         """Fit, then return the training influence coordinates ``train_influence_``."""
         return self.fit(model, X, y).train_influence_
@@ -557,6 +588,11 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
     def _onehot(self):
         n, c = self.n_samples_fit_, self.n_clusters_
         return sp.csr_matrix((np.ones(n), (np.arange(n), self.labels_)), shape=(n, c))
+
+    def _membership(self, ind):
+        M = ind @ self._onehot()
+        M.sort_indices()  # a fixed summation order in M @ responses
+        return M
 
     def membership(self, subsets):
         """Counts ``m_c(S)`` of each subset's members per cluster.
@@ -570,7 +606,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         counts : scipy.sparse.csr_matrix of shape (Q, C)
         """
         check_is_fitted(self)
-        return self._indicator(subsets) @ self._onehot()
+        return self._membership(self._indicator(subsets))
 
     def param_change(self, subsets):
         r"""Predicted :math:`\theta_{-S} - \theta` for each subset, ``(Q, p)``."""
@@ -587,7 +623,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         """
         check_is_fitted(self)
         ind = self._indicator(subsets)
-        M = ind @ self._onehot()
+        M = self._membership(ind)
         N = self.n_samples_fit_
         if X is None and y is None:
             return self._self_effect(ind, np.asarray(M.todense()))[0]
@@ -622,7 +658,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         outputs of every member with its own subset removed, in CSR order.
         """
         N = self.n_samples_fit_
-        M = np.asarray((ind @ self._onehot()).todense())
+        M = np.asarray(self._membership(ind).todense())
         m = np.diff(ind.indptr)
         gram_quad = np.einsum("qc,cd,qd->q", M, self.response_gram_, M)
         rows = _member_rows(ind)
@@ -783,7 +819,7 @@ class PerQueryInfluence(_BaseInfluence):
             raise ValueError(
                 f"query_mode={self.query_mode!r}; expected 'sequential' or 'batched'."
             )
-        fmodel = build_model(self, model)
+        fmodel = build_model(self, model, X, y)
         self._fmodel = fmodel
         self._X, self._y = X, y
         self.n_samples_fit_ = len(y)

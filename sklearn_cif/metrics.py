@@ -6,6 +6,8 @@ Arrays in, numbers out: nothing here touches a model except
 reference on K-fold removal queries.
 """
 
+import warnings
+
 import numpy as np
 from scipy import stats
 from sklearn.model_selection import KFold
@@ -52,9 +54,15 @@ def agreement(estimate, reference, *, n_bootstrap=1000, random_state=None):
     out = Bunch(**dict(zip(names, _stats(a, b), strict=True)))
     if n_bootstrap:
         rng = check_random_state(random_state)
-        draws = np.array(
-            [_stats(a[i], b[i]) for i in rng.randint(0, a.size, (n_bootstrap, a.size))]
-        )
+        with warnings.catch_warnings():
+            # a resample of few queries can be constant: its NaN is skipped below
+            warnings.simplefilter("ignore", stats.ConstantInputWarning)
+            draws = np.array(
+                [
+                    _stats(a[i], b[i])
+                    for i in rng.randint(0, a.size, (n_bootstrap, a.size))
+                ]
+            )
         for j, name in enumerate(names):
             out[f"{name}_ci"] = tuple(np.nanpercentile(draws[:, j], [2.5, 97.5]))
     return out

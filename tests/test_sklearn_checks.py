@@ -57,9 +57,7 @@ def _cif():
 def expected_failed_checks(estimator):
     if isinstance(estimator, ClusteredInfluenceEstimator):
         return {**COMMON, **dict.fromkeys(TRANSFORM_CHECKS, NEEDS_Y)}
-    if isinstance(estimator, InfluenceCV):
-        return {**COMMON, "check_estimators_dtypes": INT_X}
-    return COMMON
+    return {**COMMON, "check_estimators_dtypes": INT_X}
 
 
 @parametrize_with_checks(

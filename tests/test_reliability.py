@@ -1,0 +1,277 @@
+"""Bad input, numerical faults, no half state, stale caches, safe persistence."""
+
+import warnings
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.exceptions import NotFittedError
+
+import sklearn_cif._fitting as fitting_module
+from sklearn_cif import CIFWarning, ClusteredInfluenceEstimator, InfluenceCV
+from sklearn_cif._subsets import subset_indicator
+
+N = 30
+
+
+def _est(**kw):
+    return ClusteredInfluenceEstimator(
+        **{"n_clusters": 4, "loss": "cross_entropy", "random_state": 0, **kw}
+    )
+
+
+def _nan_X(X, y):
+    X = X.clone()
+    X[3, 1] = float("nan")
+    return X, y
+
+
+def _label_7(X, y):
+    y = y.clone()
+    y[5] = 7
+    return X, y
+
+
+# description -> (estimator parameters, data transform, exception, message)
+BAD_FITS = {
+    "X/y length": ({}, lambda X, y: (X, y[:-1]), ValueError, "inconsistent lengths"),
+    "X feature shape": (
+        {},
+        lambda X, y: (X[:, :3], y),
+        ValueError,
+        "does not fit the model",
+    ),
+    "NaN in X": ({}, _nan_X, ValueError, "NaN or infinity"),
+    "inf in y": (
+        {"loss": "mse"},
+        lambda X, y: (X, torch.full((N, 3), float("inf"), dtype=torch.float64)),
+        ValueError,
+        "NaN or infinity",
+    ),
+    "label out of range": ({}, _label_7, ValueError, r"labels in \[0, 7\].*3 outputs"),
+    "empty X": ({}, lambda X, y: (X[:0], y[:0]), ValueError, "empty"),
+    "n_clusters < 1": ({"n_clusters": 0}, None, ValueError, "n_clusters"),
+    "n_clusters > N": ({"n_clusters": N + 1}, None, ValueError, "n_clusters"),
+    "sketch_dim < 1": ({"sketch_dim": 0}, None, ValueError, "sketch_dim"),
+    "damping <= 0": ({"damping": 0.0}, None, ValueError, "damping"),
+    "damping inf": ({"damping": float("inf")}, None, ValueError, "damping"),
+    "cg_tol <= 0": ({"cg_tol": 0.0}, None, ValueError, "cg_tol"),
+    "batch_size < 1": ({"batch_size": 0}, None, ValueError, "batch_size"),
+    "unknown loss": ({"loss": "hinge"}, None, ValueError, "loss='hinge'"),
+    "unknown device": ({"device": "tpu9"}, None, ValueError, "device='tpu9'"),
+    "unknown correction": (
+        {"residual_correction": "x"},
+        None,
+        ValueError,
+        "residual_correction",
+    ),
+}
+
+
+@pytest.mark.parametrize("desc", list(BAD_FITS))
+def test_bad_fit_input_raises_before_any_pass(tiny_classification, desc):
+    # Each bad input raises the named error before any gradient pass, and a
+    # fitted estimator refit with it keeps answering as before.
+    net, X, y = tiny_classification
+    params, data, exc, match = BAD_FITS[desc]
+    good = _est().fit(net, X, y)
+    answer = good.loss_change([np.arange(5)])
+    Xb, yb = data(X, y) if data else (X, y)
+    with mock.patch.object(
+        fitting_module, "per_example_grads", side_effect=AssertionError("pass ran")
+    ):
+        with pytest.raises(exc, match=match):
+            good.set_params(**params).fit(net, Xb, yb)
+    np.testing.assert_array_equal(good.loss_change([np.arange(5)]), answer)
+
+
+def test_not_a_model_raises(tiny_classification):
+    # Something that is neither a torch module nor a skorch net is a TypeError.
+    _, X, y = tiny_classification
+    with pytest.raises(TypeError, match="model"):
+        _est().fit(object(), X, y)
+
+
+def test_unfitted_skorch_net_and_queries_before_fit():
+    # An uninitialized skorch net and queries before fit give NotFittedError.
+    skorch = pytest.importorskip("skorch")
+    net = skorch.NeuralNetClassifier(torch.nn.Linear(4, 3))
+    with pytest.raises(NotFittedError, match="not initialized"):
+        _est().fit(net, np.zeros((5, 4), np.float32), np.zeros(5, np.int64))
+    with pytest.raises(NotFittedError):
+        _est().loss_change([0])
+    with pytest.raises(NotFittedError):
+        InfluenceCV().predict_oof()
+
+
+def test_cuda_without_gpu_falls_back_with_warning(tiny_classification):
+    # device="cuda" on a CPU-only machine computes on the CPU with a CIFWarning.
+    net, X, y = tiny_classification
+    with mock.patch.object(torch.cuda, "is_available", return_value=False):
+        with pytest.warns(CIFWarning, match="CUDA is not available"):
+            est = _est(device="cuda").fit(net, X, y)
+    np.testing.assert_allclose(
+        est.responses_, _est(device="cpu").fit(net, X, y).responses_
+    )
+
+
+def test_keyboard_interrupt_leaves_previous_cache(tiny_classification):
+    # An interrupt inside the gradient pass leaves a fitted estimator as it
+    # was (still answering) and a new one unfitted; the model is unchanged.
+    net, X, y = tiny_classification
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    est = _est().fit(net, X, y)
+    before = est.loss_change([np.arange(6)])
+    labels = est.labels_
+    fresh = _est()
+    for target in (est, fresh):
+        with mock.patch.object(
+            fitting_module, "per_example_grads", side_effect=KeyboardInterrupt
+        ):
+            with pytest.raises(KeyboardInterrupt):
+                target.set_params(n_clusters=3).fit(net, X, y)
+    assert est.labels_ is labels
+    np.testing.assert_array_equal(est.loss_change([np.arange(6)]), before)
+    with pytest.raises(NotFittedError):
+        fresh.param_change([0])
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_nan_on_one_example_is_reported_by_index(tiny_classification):
+    # A model producing NaN for one example names that example.
+    net, X, y = tiny_classification
+
+    class NaNOnRow(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            # 0 * log(0) = NaN on the row with x = 1000 only
+            return self.inner(x) + 0 * torch.log(1000 - x[:, :1])
+
+    X2 = X.clone()
+    X2[17, 0] = 1000.0
+    with pytest.raises(FloatingPointError, match=r"examples \[17\]"):
+        _est().fit(NaNOnRow(net), X2, y)
+
+
+def test_stale_model_and_data(tiny_classification):
+    # Queries needing the model refuse a changed model; InfluenceCV with
+    # other data or weights refits instead of reusing the stale cache.
+    net, X, y = tiny_classification
+    est = _est().fit(net, X, y)
+    icv = InfluenceCV(est, cv=3).fit(net, X, y)
+    assert icv.estimator_ is est
+    with torch.no_grad():
+        net[2].bias.add_(0.5)
+    with pytest.raises(ValueError, match="changed since fit"):
+        est.loss_change([np.arange(3)], X, y)
+    assert InfluenceCV(est, cv=3).fit(net, X, y).estimator_ is not est
+
+
+def test_save_load_round_trip_and_faults(tiny_classification, tmp_path):
+    # save/load (npz + JSON, allow_pickle=False) answers bitwise identically;
+    # another version warns; a truncated or foreign file raises clearly.
+    net, X, y = tiny_classification
+    est = _est().fit(net, X, y)
+    path = tmp_path / "cache.npz"
+    est.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for the same version
+        loaded = ClusteredInfluenceEstimator.load(path)
+    folds = [np.arange(0, 10), np.arange(10, 30)]
+    for q in ("param_change", "loss_change"):
+        assert np.array_equal(getattr(loaded, q)(folds), getattr(est, q)(folds))
+    loaded.set_params(model=net)
+    assert np.array_equal(loaded.transform(X, y), est.transform(X, y))
+    assert loaded.score(X, y) == est.score(X, y)
+    with mock.patch("sklearn_cif.__version__", "0.0.0"):
+        with pytest.warns(CIFWarning, match="saved by sklearn_cif 0.1.0"):
+            ClusteredInfluenceEstimator.load(path)
+    blob = path.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        ClusteredInfluenceEstimator.load(tmp_path / "cut.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a readable|expected a"):
+        ClusteredInfluenceEstimator.load(tmp_path / "other.npz")
+
+
+def test_determinism_across_runs_and_batch_sizes(tiny_classification):
+    # Same random_state: bitwise-identical labels, responses and answers
+    # across runs; across batch sizes the answers agree to rounding (the
+    # summation order of the GGN products changes; see README).
+    net, X, y = tiny_classification
+    a, b = _est().fit(net, X, y), _est().fit(net, X, y)
+    assert np.array_equal(a.labels_, b.labels_) and np.array_equal(
+        a.responses_, b.responses_
+    )
+    assert np.array_equal(a.loss_change([np.arange(9)]), b.loss_change([np.arange(9)]))
+    c = _est(batch_size=7).fit(net, X, y)
+    assert np.array_equal(a.labels_, c.labels_)
+    np.testing.assert_allclose(c.responses_, a.responses_, rtol=1e-9, atol=1e-12)
+
+
+formats = st.sampled_from(["indices", "list", "mask", "dense", "sparse"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sets(st.integers(0, N - 1), min_size=1),
+    formats,
+    st.randoms(use_true_random=False),
+)
+def test_any_subset_format_equals_sorted_indices(members, fmt, rnd):
+    # Every accepted format, in any order, parses to the same indicator.
+    idx = sorted(members)
+    shuffled = list(idx)
+    rnd.shuffle(shuffled)
+    mask = np.zeros(N, bool)
+    mask[idx] = True
+    given_ = {
+        "indices": np.array(shuffled),
+        "list": [np.array(shuffled)],
+        "mask": mask,
+        "dense": mask[None].astype(int),
+        "sparse": __import__("scipy.sparse").sparse.csr_matrix(
+            mask[None].astype(float)
+        ),
+    }[fmt]
+    got = subset_indicator(given_, N).toarray()
+    assert np.array_equal(got, subset_indicator(np.array(idx), N).toarray())
+
+
+@pytest.fixture(scope="module")
+def fitted_tiny():
+    rng = np.random.default_rng(0)
+    X = torch.as_tensor(rng.normal(size=(N, 4)))
+    y = torch.as_tensor(rng.integers(0, 3, size=N))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    return _est(cg_tol=1e-10).fit(net, X, y)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, 2), min_size=N, max_size=N),
+    st.randoms(use_true_random=False),
+)
+def test_param_change_is_additive_and_order_invariant(fitted_tiny, assignment, rnd):
+    # Disjoint S1, S2 (from a random 3-way split): additivity, and the
+    # answer does not depend on the order of the indices.
+    assignment = np.array(assignment)
+    S1, S2 = np.flatnonzero(assignment == 0), np.flatnonzero(assignment == 1)
+    if S1.size == 0 or S2.size == 0:
+        return
+    union = np.concatenate([S1, S2])
+    shuffled = union.copy()
+    rnd.shuffle(shuffled)
+    d = fitted_tiny.param_change([S1, S2, union, shuffled])
+    np.testing.assert_allclose(d[2], d[0] + d[1], rtol=1e-9, atol=1e-14)
+    assert np.array_equal(d[2], d[3])
