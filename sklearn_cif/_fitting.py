@@ -165,7 +165,9 @@ def check_model_data(fmodel, X, y):
             f"failed with {type(exc).__name__}: {exc}"
         ) from None
     name = fmodel.loss.name
-    yt = y if torch.is_tensor(y) else torch.as_tensor(np.asarray(y))
+    yt = (
+        y if torch.is_tensor(y) else torch.from_numpy(np.array(y))
+    )  # a copy: y may be read-only
     if name in _CLASS_LOSSES:
         k = out.shape[1] if out.dim() > 1 else 1
         if yt.is_floating_point() and not bool((yt == yt.round()).all()):
