@@ -12,11 +12,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, clone
-from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import pairwise_distances_argmin
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils.validation import check_is_fitted, check_scalar
 
+from sklearn_cif import _cache
 from sklearn_cif._fitting import (
     Timer,
     build_model,
@@ -35,11 +35,10 @@ from sklearn_cif.curvature import DampedGGNOperator, output_jvp
 from sklearn_cif.gradients import (
     batch_tensors,
     iter_batches,
-    per_example_grads,
     summed_grad,
 )
 from sklearn_cif.sketch import make_sketch
-from sklearn_cif.solvers import SpectralPreconditioner, batched_cg, randomized_eigh
+from sklearn_cif.solvers import batched_cg
 
 __all__ = ["ClusteredInfluenceEstimator", "PerQueryInfluence"]
 
@@ -128,138 +127,8 @@ class _BaseInfluence(BaseEstimator):
         return tags
 
 
-def _sketch_pass(fmodel, X, y, sketch, batch_size, bar):
-    """Pass 1: sketches ``s_i`` (N, k), squared norms ``||g_i||^2``, losses."""
-    n = len(y)
-    S = np.empty((n, sketch.sketch_dim), dtype=np.float64)
-    sq_norms = np.empty(n)
-    losses = np.empty(n)
-
-    def consume(idx, G, ell):
-        S[idx] = sketch(G).cpu().numpy()
-        sq_norms[idx] = (G * G).sum(1).cpu().numpy()
-        losses[idx] = ell.detach().cpu().numpy()
-
-    per_example_pass(fmodel, X, y, batch_size, consume, bar)
-    return S, sq_norms, losses
-
-
-def _cluster(S, n_clusters, seed):
-    """Cluster the sketches; returns compact labels (no empty cluster)."""
-    n = S.shape[0]
-    if n_clusters == n:  # each example its own cluster: exact per-example IF
-        return np.arange(n)
-    km = MiniBatchKMeans(
-        n_clusters=n_clusters,
-        random_state=seed,
-        n_init=3,
-        batch_size=min(n, 2048),
-    ).fit(S)
-    # A cluster MiniBatchKMeans left empty has no mean gradient: drop it.
-    _, labels = np.unique(km.labels_, return_inverse=True)
-    return labels.astype(np.int64)
-
-
-def _cluster_means(fmodel, X, y, labels, n_clusters, batch_size, bar):
-    """Pass 2: full-space means ``mu_c`` (C, p) from per-example gradients."""
-    sums = torch.zeros(
-        n_clusters, fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device
-    )
-    lab = torch.as_tensor(labels, device=fmodel.device)
-
-    def consume(idx, G, _):
-        sums.index_add_(0, lab[idx], G)
-
-    per_example_pass(fmodel, X, y, batch_size, consume, bar)
-    counts = torch.bincount(lab, minlength=n_clusters).to(sums.dtype)
-    return sums / counts[:, None]
-
-
-def _influence_pass(fmodel, X, y, V, means, labels, batch_size, bar, precond=None):
-    """Pass 3: ``A[i, c] = g_i^T v_c``, ``g_i^T mu_{c(i)}`` and ``r_i^T P r_i``.
-
-    ``r_i = g_i - mu_{c(i)}`` is the residual plain CiF drops; ``P`` the
-    spectral approximation of the inverse curvature (zeros without one).
-    """
-    n = len(y)
-    A = np.empty((n, V.shape[0]))
-    g_mu = np.empty(n)
-    d_raw = np.zeros(n)
-    lab = torch.as_tensor(labels, device=fmodel.device)
-
-    def consume(idx, G, _):
-        mu = means[lab[idx]]
-        A[idx] = (G @ V.T).cpu().numpy()
-        g_mu[idx] = (G * mu).sum(1).cpu().numpy()
-        if precond is not None:
-            d_raw[idx] = precond.quadratic_form(G - mu).cpu().numpy()
-
-    per_example_pass(fmodel, X, y, batch_size, consume, bar)
-    return A, g_mu, d_raw
-
-
-def _spectral_preconditioner(op, rank, seed):
-    """``P ~ (G + lambda I)^{-1}``: top-``rank`` eigenpairs plus a scaled complement."""
-    p = op.fmodel.n_params
-    like = torch.empty(0, dtype=op.fmodel.dtype, device=op.fmodel.device)
-    gen = torch.Generator().manual_seed(int(seed))
-    evals, evecs = randomized_eigh(op.matmat, p, min(rank, p), generator=gen, like=like)
-    k = min(rank, p)
-    # The first Ritz value beyond the kept ones bounds the rest of the spectrum.
-    tail = evals[k] if evals.numel() > k else evals[-1]
-    return SpectralPreconditioner(evals[:k], evecs[:k], max(float(tail), op.damping))
-
-
-def _calibrate(fmodel, X, y, labels, means, op, precond, d_raw, est, seed):
-    """Scale ``s`` with ``r_i^T H^{-1} r_i ~ s * r_i^T P r_i``, from exact solves.
-
-    ``n_calibration`` random examples with a non-zero residual are solved
-    exactly (preconditioned CG); ``s`` is the ratio of the sums.
-    """
-    rng = np.random.RandomState(seed)
-    candidates = np.flatnonzero(d_raw > 0)
-    if candidates.size == 0:
-        return 0.0
-    idx = np.sort(
-        rng.choice(candidates, min(est.n_calibration, candidates.size), replace=False)
-    )
-    x, t = batch_tensors(fmodel, X, y, idx)
-    G, _ = per_example_grads(fmodel, x, t)
-    R = G - means[torch.as_tensor(labels[idx], device=G.device)]
-    sol = batched_cg(op.matmat, R, est.cg_tol, est.cg_maxiter, precond=precond)
-    exact = (R * sol.x).sum(1).sum().item()
-    return exact / float(d_raw[idx].sum())
-
-
-def _centers(S, labels, n_clusters):
-    """Mean sketch of each cluster, ``(C, k)``."""
-    sums = np.zeros((n_clusters, S.shape[1]))
-    np.add.at(sums, labels, S)
-    return sums / np.bincount(labels, minlength=n_clusters)[:, None]
-
-
 # residual_correction -> what the self effect adds to plain CiF (see Notes).
 _CORRECTIONS = {"auto": "full", "full": "full", "cross": "cross", "none": "none"}
-
-
-def _output_pass(fmodel, X, y, V, batch_size):
-    """Pass 4: outputs ``f(x_i)`` (N, d) and ``J(x_i) v_c`` (N, C, d), no gradients.
-
-    They make first-order out-of-fold outputs model-free at query time:
-    ``f(x_i) + (1/N) sum_c m_c(S) J(x_i) v_c``.
-    """
-    n = len(y)
-    outputs, jv = None, None
-    for idx in iter_batches(n, batch_size):
-        x, _ = batch_tensors(fmodel, X, None, idx)
-        out, JV = output_jvp(fmodel, x, V)
-        out = out.reshape(out.shape[0], -1).detach().cpu().numpy()
-        JV = JV.reshape(JV.shape[0], JV.shape[1], -1).transpose(0, 1).cpu().numpy()
-        if outputs is None:
-            outputs = np.empty((n, out.shape[1]), dtype=out.dtype)
-            jv = np.empty((n, V.shape[0], out.shape[1]), dtype=out.dtype)
-        outputs[idx], jv[idx] = out, JV
-    return outputs, jv
 
 
 def _member_rows(ind):
@@ -463,34 +332,36 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         sketch = make_sketch(self.sketch, fmodel.n_params, self.sketch_dim, seeds[0])
         timer, bs = Timer(), self.batch_size
         with timer("sketch"), progress_bar(self.verbose, n, "sketch") as bar:
-            S, sq_norms, losses = _sketch_pass(fmodel, X, y, sketch, bs, bar)
+            S, sq_norms, losses = _cache.sketch_pass(fmodel, X, y, sketch, bs, bar)
         with timer("cluster"):
-            labels = _cluster(S, self.n_clusters, seeds[1])
+            labels = _cache.cluster(S, self.n_clusters, seeds[1])
         n_clusters = int(labels.max()) + 1
         with timer("cluster_means"), progress_bar(self.verbose, n, "means") as bar:
-            means = _cluster_means(fmodel, X, y, labels, n_clusters, bs, bar)
+            means = _cache.cluster_means(fmodel, X, y, labels, n_clusters, bs, bar)
         op = DampedGGNOperator(fmodel, X, y, self.damping, bs)
         diagonal = correction == "full" and n_clusters < n  # C = N: no residuals
         precond = None
         if diagonal:
             with timer("spectrum"):
-                precond = _spectral_preconditioner(op, self.correction_rank, seeds[2])
+                precond = _cache.spectral_preconditioner(
+                    op, self.correction_rank, seeds[2]
+                )
         with timer("solve"):
             sol = batched_cg(
                 op.matmat, means, self.cg_tol, self.cg_maxiter, precond=precond
             )
         with timer("influence"), progress_bar(self.verbose, n, "influence") as bar:
-            A, g_mu, d_raw = _influence_pass(
+            A, g_mu, d_raw = _cache.influence_pass(
                 fmodel, X, y, sol.x, means, labels, bs, bar, precond
             )
         scale = 0.0
         if diagonal:
             with timer("calibration"):
-                scale = _calibrate(
+                scale = _cache.calibrate(
                     fmodel, X, y, labels, means, op, precond, d_raw, self, seeds[3]
                 )
         with timer("outputs"):
-            outputs, out_resp = _output_pass(fmodel, X, y, sol.x, bs)
+            outputs, out_resp = _cache.output_pass(fmodel, X, y, sol.x, bs)
         mean_sq = (means * means).sum(1).cpu().numpy()
 
         self._fmodel = fmodel
@@ -498,7 +369,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         self._sketch = sketch
         self.labels_ = labels
         self.cluster_sizes_ = np.bincount(labels, minlength=n_clusters)
-        self.cluster_centers_ = _centers(S, labels, n_clusters)
+        self.cluster_centers_ = _cache.centers(S, labels, n_clusters)
         total = np.square(S - S.mean(0)).sum()
         within = np.square(S - self.cluster_centers_[labels]).sum()
         self.explained_scatter_ = float(1 - within / total) if total > 0 else 1.0
@@ -704,7 +575,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         check_is_fitted(self)
         fmodel = self._get_fmodel()
         X, y = self._check_eval_data(X, y)
-        S, _, _ = _sketch_pass(fmodel, X, y, self._sketch, self.batch_size, None)
+        S, _, _ = _cache.sketch_pass(fmodel, X, y, self._sketch, self.batch_size, None)
         nearest = pairwise_distances_argmin(S, self.cluster_centers_)
         within = np.square(S - self.cluster_centers_[nearest]).sum()
         total = np.square(S - S.mean(0)).sum()
