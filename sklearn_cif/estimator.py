@@ -751,6 +751,31 @@ class PerQueryInfluence(_BaseInfluence):
         _, dtheta = self._param_change(ind)
         return (dtheta @ g_v).cpu().numpy().astype(np.float64)
 
+    def transform(self, X, y=None):
+        r"""Influence of every training example on every example of (X, y), ``(n, N)``.
+
+        Entry ``(j, i)`` is :math:`\nabla\ell(x_j)^\top H^{-1} g_i`, the
+        coordinates :meth:`ClusteredInfluenceEstimator.transform` gives with
+        one cluster per training example. Costs one batched solve for the
+        ``n`` evaluation gradients and one per-example pass over the training
+        data; holds ``n x p`` numbers, so keep ``n`` small.
+        """
+        check_is_fitted(self)
+        fmodel = self._get_fmodel()
+        X, y = self._check_eval_data(X, y)
+        rows = []
+        per_example_pass(
+            fmodel, X, y, self.batch_size, lambda idx, G, _: rows.append(G)
+        )
+        W = self._solve(fmodel, torch.cat(rows))  # (n, p): H^{-1} grad l(x_j)
+        out = np.empty((len(y), self.n_samples_fit_))
+
+        def consume(idx, G, _):
+            out[:, idx] = (W @ G.T).cpu().numpy()
+
+        per_example_pass(fmodel, self._X, self._y, self.batch_size, consume)
+        return out
+
     def _fold_effects(self, ind):
         """Self effects of CSR subsets by one solve per subset (see CiF's)."""
         fmodel = self._get_fmodel()

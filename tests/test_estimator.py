@@ -69,6 +69,7 @@ def test_cif_with_n_clusters_n_equals_per_query_equals_dense(tiny_classification
 
     ref_t = loop_grads(net, CE, Xv, yv).numpy() @ V
     assert _rel(cif.transform(Xv, yv), ref_t) < 1e-6
+    assert _rel(pq.transform(Xv, yv), ref_t) < 1e-6
     assert _rel(cif.train_influence_, g.numpy() @ V) < 1e-6
 
 
