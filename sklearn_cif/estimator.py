@@ -616,7 +616,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         )
 
 
-class PerQueryInfluence(_BaseInfluence):
+class PerQueryInfluence(TransformerMixin, _BaseInfluence):
     r"""Per-query influence functions: one CG solve per subset query.
 
     The reference and the baseline for :class:`ClusteredInfluenceEstimator`:
@@ -701,6 +701,11 @@ class PerQueryInfluence(_BaseInfluence):
         self.model_fingerprint_ = fmodel.fingerprint()
         self.data_fingerprint_ = data_fingerprint(X, y)
         return self
+
+    def fit_transform(self, model, X=None, y=None):
+        """Fit, then the ``(N, N)`` influence matrix of the training data."""
+        self.fit(model, X, y)
+        return self.transform(self._X, self._y)
 
     def _subset_sums(self, fmodel, ind):
         """``a_S = sum_{i in S} g_i`` for every row of the indicator, ``(Q, p)``."""
