@@ -35,15 +35,35 @@ def _check_indices(idx, n_samples, q):
         raise ValueError(
             f"subsets[{q}] must hold integer indices; got dtype {arr.dtype}."
         )
-    lo, hi = arr.min(), arr.max()
-    if lo < 0 or hi >= n_samples:
+    return arr  # range and duplicates are checked for all rows at once
+
+
+def _canonical_rows(ind, n_samples):
+    """Sort the rows of a CSR built from index rows; check range and duplicates.
+
+    Vectorized over all rows. Rows given strictly increasing (KFold folds,
+    masks) skip the sort. In sorted rows a duplicate is two equal neighbours
+    with no row boundary between them.
+    """
+    idx = ind.indices
+    bad = np.flatnonzero((idx < 0) | (idx >= n_samples))
+    starts = np.zeros(idx.size, dtype=bool)
+    starts[ind.indptr[:-1][np.diff(ind.indptr) > 0]] = True
+    if bad.size:
+        q = np.searchsorted(ind.indptr, bad[0], side="right") - 1
+        row = idx[ind.indptr[q] : ind.indptr[q + 1]]
         raise ValueError(
             f"subsets[{q}] has indices out of range [0, {n_samples}): "
-            f"min {lo}, max {hi}."
+            f"min {row.min()}, max {row.max()}."
         )
-    if np.unique(arr).size != arr.size:
-        raise ValueError(f"subsets[{q}] has duplicate indices.")
-    return arr.astype(np.int64)
+    within = ~starts[1:]  # neighbour pairs inside one row
+    if not np.all(np.diff(idx)[within] > 0):
+        ind.sort_indices()
+        dup = np.flatnonzero((np.diff(ind.indices) == 0) & within)
+        if dup.size:
+            q = np.searchsorted(ind.indptr, dup[0], side="right") - 1
+            raise ValueError(f"subsets[{q}] has duplicate indices.")
+    ind.has_sorted_indices = True
 
 
 def _from_matrix(M, n_samples):
@@ -100,11 +120,10 @@ def subset_indicator(subsets, n_samples):
         else:
             rows = [_check_indices(arr, n_samples, 0)]
     indptr = np.concatenate([[0], np.cumsum([r.size for r in rows])])
-    data = np.ones(indptr[-1])
-    ind = sp.csr_matrix(
-        (data, np.concatenate(rows), indptr), shape=(len(rows), n_samples)
-    )
+    flat = np.concatenate(rows).astype(np.int64, copy=False)
+    ind = sp.csr_matrix((len(rows), n_samples))  # filled below, unchecked
+    ind.data, ind.indices, ind.indptr = np.ones(flat.size), flat, indptr
     # Canonical (sorted) members: answers do not depend on the index order,
     # bitwise (the summation order is fixed).
-    ind.sort_indices()
+    _canonical_rows(ind, n_samples)
     return ind
