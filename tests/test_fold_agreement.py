@@ -36,6 +36,8 @@ def digits_mlp(digits):
         ("none", 0.6, (0.0, 0.5)),
         # The residual correction restores both (issue 5 acceptance figures).
         ("auto", 0.95, (0.8, 1.25)),
+        # Only the exact cluster-mean x residual terms: better, not enough.
+        ("cross", 0.6, (0.0, 0.8)),
     ],
 )
 def test_cif_agrees_with_per_query_on_kfold_self_effects(
