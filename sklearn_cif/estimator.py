@@ -80,6 +80,16 @@ class _BaseInfluence(BaseEstimator):
             model=model, **{k: clone(v, safe=False) for k, v in params.items()}
         )
 
+    def _params_key(self):
+        """The parameters the cache depends on (all but ``model``/``verbose``)."""
+        params = self.get_params()
+        return repr(
+            sorted((k, v) for k, v in params.items() if k not in ("model", "verbose"))
+        )
+
+    def _fitted_with_current_params(self):
+        return getattr(self, "_params_at_fit", None) == self._params_key()
+
     def _get_fmodel(self):
         fmodel = getattr(self, "_fmodel", None)
         if fmodel is None:
@@ -399,6 +409,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         self.n_ggn_products_ = op.n_products
         self.timings_ = dict(timer)
         self.model_fingerprint_ = fmodel.fingerprint()
+        self._params_at_fit = self._params_key()
         self.data_fingerprint_ = data_fingerprint(X, y)
         return self
 
@@ -449,6 +460,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
 
         est, state = load_cache(path, cls, __version__)
         est._sketch = make_sketch(est.sketch, **state["sketch"])
+        est._params_at_fit = est._params_key()  # built with the stored parameters
         return est
 
     def fit_transform(self, model, X=None, y=None):
@@ -699,6 +711,7 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
         self.loss_name_ = fmodel.loss.name
         self.n_solves_ = 0
         self.model_fingerprint_ = fmodel.fingerprint()
+        self._params_at_fit = self._params_key()
         self.data_fingerprint_ = data_fingerprint(X, y)
         return self
 

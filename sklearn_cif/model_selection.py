@@ -162,8 +162,8 @@ class InfluenceCV(BaseEstimator):
     ----------
     estimator : ClusteredInfluenceEstimator or PerQueryInfluence, default=None
         The influence estimator. Used as is when already fitted on the same
-        model and data (its cache is reused), else a clone is fitted. ``None``
-        means ``ClusteredInfluenceEstimator()``.
+        model and data with its current parameters (its cache is reused),
+        else a clone is fitted. ``None`` means ``ClusteredInfluenceEstimator()``.
     cv : int, splitter or iterable, default=5
         As ``cv`` in :func:`~sklearn.model_selection.cross_validate`.
     scoring : str, callable, list, dict or None, default=None
@@ -243,6 +243,7 @@ class InfluenceCV(BaseEstimator):
         fitted = hasattr(base, "model_fingerprint_")
         if (
             fitted
+            and base._fitted_with_current_params()  # no set_params since fit
             and base.model_fingerprint_ == fingerprint_of(model)
             and (base.data_fingerprint_ == data_fingerprint(X, y))
         ):

@@ -172,13 +172,18 @@ def test_one_cache_serves_many_cv_schemes(digits_model):
 
 
 def test_changed_model_or_data_is_not_reused(digits_model):
-    # A fitted estimator is reused only for the same model weights and data.
+    # A fitted estimator is reused only for the same model weights, data and
+    # parameters.
     net, X, y = digits_model
     est = ClusteredInfluenceEstimator(5, loss="cross_entropy", random_state=0).fit(
         net, X, y
     )
     icv = InfluenceCV(est, cv=3).fit(net, X[:300], y[:300])
     assert icv.estimator_ is not est and icv.estimator_.n_samples_fit_ == 300
+    assert InfluenceCV(est, cv=3).fit(net, X, y).estimator_ is est
+    est.set_params(damping=1e-2)  # the cache no longer matches the parameters
+    icv = InfluenceCV(est, cv=3).fit(net, X, y)
+    assert icv.estimator_ is not est and icv.estimator_.damping == 1e-2
 
 
 def test_influence_cv_is_a_splitter_for_cross_validate(digits_model):
