@@ -377,6 +377,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         self._fmodel = fmodel
         self._X, self._y = X, y  # references only, for fidelity checks
         self._sketch = sketch
+        self._alpha_cache = None  # evaluation-set alphas belong to one fit
         self.labels_ = labels
         self.cluster_sizes_ = np.bincount(labels, minlength=n_clusters)
         self.cluster_centers_ = _cache.centers(S, labels, n_clusters)
@@ -510,9 +511,22 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         N = self.n_samples_fit_
         if X is None and y is None:
             return self._self_effect(ind, np.asarray(M.todense()))[0]
-        g_v = self._eval_gradient(X, y).cpu().numpy().astype(np.float64)
-        alpha = self.responses_.astype(np.float64) @ g_v
-        return np.asarray(M @ alpha).ravel() / N
+        return np.asarray(M @ self._eval_alpha(X, y)).ravel() / N
+
+    def _eval_alpha(self, X, y):
+        """``alpha_c = g_V^T v_c`` for an evaluation set, cached per (model, data).
+
+        Repeated queries against one evaluation set then cost O(|S| + C)
+        each, with no model pass; the model fingerprint is still checked.
+        """
+        self._get_fmodel()  # refuses a model changed since fit
+        X, y = self._check_eval_data(X, y)
+        key = data_fingerprint(X, y)
+        cached = getattr(self, "_alpha_cache", None)
+        if cached is None or cached[0] != key:
+            g_v = self._eval_gradient(X, y).cpu().numpy().astype(np.float64)
+            self._alpha_cache = (key, self.responses_.astype(np.float64) @ g_v)
+        return self._alpha_cache[1]
 
     def _self_effect(self, ind, M):
         r"""Each subset's own loss change with the residual correction, and plain CiF's.

@@ -295,3 +295,29 @@ def test_nonfinite_gradients_name_examples(tiny_classification):
         warnings.simplefilter("ignore")
         with pytest.raises(FloatingPointError, match="examples \\[0"):
             ClusteredInfluenceEstimator(4, loss=bad).fit(net, X, y.double())
+
+
+def test_eval_set_alpha_is_cached(tiny_classification):
+    # A second query on the same evaluation set needs no gradient pass and
+    # gives the same answer; another evaluation set is computed afresh.
+    from unittest import mock
+
+    import sklearn_cif._fitting as fitting_module
+
+    net, X, y = tiny_classification
+    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
+    est.fit(net, X, y)
+    first = est.loss_change(SUBSETS, X[:10], y[:10])
+    with mock.patch.object(
+        fitting_module, "summed_grad", side_effect=AssertionError("gradient pass")
+    ):
+        np.testing.assert_array_equal(est.loss_change(SUBSETS, X[:10], y[:10]), first)
+        with pytest.raises(AssertionError, match="gradient pass"):
+            est.loss_change(SUBSETS, X[:12], y[:12])
+    # a refit with other parameters drops the cached alphas
+    est.set_params(damping=1e-1).fit(net, X, y)
+    ref = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0, damping=1e-1)
+    np.testing.assert_array_equal(
+        est.loss_change(SUBSETS, X[:10], y[:10]),
+        ref.fit(net, X, y).loss_change(SUBSETS, X[:10], y[:10]),
+    )
