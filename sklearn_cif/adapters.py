@@ -160,12 +160,9 @@ class FunctionalModel:
     # -- flat <-> dict --------------------------------------------------------
     def flatten(self, tensors, batch_dims=0):
         """Concatenate a dict of per-parameter tensors into flat vectors."""
-        lead = None
-        parts = []
-        for n in self.names:
-            t = tensors[n]
-            lead = t.shape[:batch_dims]
-            parts.append(t.reshape(*lead, -1))
+        parts = [
+            tensors[n].reshape(*tensors[n].shape[:batch_dims], -1) for n in self.names
+        ]
         return torch.cat(parts, dim=-1)
 
     def unflatten(self, flat):

@@ -73,11 +73,6 @@ class DampedGGNOperator:
         if hasattr(fmodel.loss, "n_clipped_"):
             fmodel.loss.n_clipped_ = 0  # count the first pass only
 
-    @property
-    def shape(self):
-        p = self.fmodel.n_params
-        return (p, p)
-
     def _batch_ggn(self, x, y, V):
         fm = self.fmodel
         tangents = fm.unflatten(V)

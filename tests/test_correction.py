@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-import torch
 import torch.nn.functional as F
+from _models import trained_mlp
 from _oracles import dense_ggn, loop_grads
 
 from sklearn_cif import ClusteredInfluenceEstimator, PerQueryInfluence
@@ -95,15 +95,7 @@ def test_plain_cif_error_stays_below_the_paper_bound(digits):
     # against exact per-query IF, is below error_bound(m).total.
     X, y = digits
     X, y = X[:500], y[:500]
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10)
-    )
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-2)
-    for _ in range(200):
-        opt.zero_grad()
-        F.cross_entropy(net(torch.as_tensor(X)), torch.as_tensor(y)).backward()
-        opt.step()
+    net = trained_mlp(X, y, hidden=16, weight_decay=1e-2, epochs=200)
     kw = dict(loss="cross_entropy", damping=1e-2, cg_tol=1e-6)
     cif = ClusteredInfluenceEstimator(20, random_state=0, **kw).fit(net, X, y)
     pq = PerQueryInfluence(query_mode="batched", **kw).fit(net, X, y)

@@ -57,8 +57,6 @@ def test_cif_with_n_clusters_n_equals_per_query_equals_dense(tiny_classification
     assert _rel(pq.loss_change(SUBSETS), self_ref) < 1e-6
     # effect on an evaluation set's mean loss
     Xv, yv = X[:8] + 0.1, y[:8]
-    gv = torch.func.grad(lambda t: 0)  # placeholder to keep names short
-    del gv
     eval_grad = _mean_grad(net, Xv, yv)
     eval_ref = dense @ eval_grad
     assert _rel(cif.loss_change(SUBSETS, Xv, yv), eval_ref) < 1e-6
@@ -316,7 +314,9 @@ def test_eval_set_alpha_is_cached(tiny_classification):
             est.loss_change(SUBSETS, X[:12], y[:12])
     # a refit with other parameters drops the cached alphas
     est.set_params(damping=1e-1).fit(net, X, y)
-    ref = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0, damping=1e-1)
+    ref = ClusteredInfluenceEstimator(
+        4, loss="cross_entropy", random_state=0, damping=1e-1
+    )
     np.testing.assert_array_equal(
         est.loss_change(SUBSETS, X[:10], y[:10]),
         ref.fit(net, X, y).loss_change(SUBSETS, X[:10], y[:10]),

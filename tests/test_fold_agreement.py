@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-import torch
+from _models import trained_mlp
 from scipy.stats import spearmanr
 from sklearn.model_selection import KFold
 
@@ -14,17 +14,7 @@ LAM = 1e-3
 @pytest.fixture(scope="module")
 def digits_mlp(digits):
     X, y = digits
-    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
-    )
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=LAM)
-    for _ in range(500):  # full batch, to near the regularized optimum
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(Xt), yt).backward()
-        opt.step()
-    return net, X, y
+    return trained_mlp(X, y, hidden=32, weight_decay=LAM, epochs=500), X, y
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import trained_mlp
 from _oracles import dense_influence, flat_params, make_f
 from sklearn.base import clone
 from sklearn.model_selection import (
@@ -119,16 +120,7 @@ def test_per_query_estimator_gives_the_same_results(tiny_classification):
 def digits_model(digits):
     X, y = digits
     X, y = X[:400], y[:400]
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10)
-    )
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-3)
-    for _ in range(200):
-        opt.zero_grad()
-        F.cross_entropy(net(torch.as_tensor(X)), torch.as_tensor(y)).backward()
-        opt.step()
-    return net, X, y
+    return trained_mlp(X, y, hidden=16, weight_decay=1e-3, epochs=200), X, y
 
 
 def test_one_cache_serves_many_cv_schemes(digits_model):
