@@ -16,7 +16,7 @@ from sklearn.metrics import pairwise_distances_argmin
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils.validation import check_is_fitted, check_scalar
 
-from sklearn_cif import _cache
+from sklearn_cif import _cache, _newton
 from sklearn_cif._fitting import (
     Timer,
     build_model,
@@ -139,6 +139,23 @@ class _BaseInfluence(BaseEstimator):
 
 # residual_correction -> what the self effect adds to plain CiF (see Notes).
 _CORRECTIONS = {"auto": "full", "full": "full", "cross": "cross", "none": "none"}
+
+_TARGETS = ("auto", "retrain", "if")
+
+
+def _check_target(target):
+    if not isinstance(target, str) or target not in _TARGETS:
+        raise ValueError(f"target={target!r}; expected one of {list(_TARGETS)}.")
+
+
+# Newton-step features of _newton.jacobian_features -> fitted attribute.
+_NEWTON_ATTRS = {
+    "F": "jacobian_spectral_",
+    "gram": "jacobian_gram_",
+    "hess": "output_hessians_",
+    "Jr": "residual_jacobian_",
+    "Ur": "residual_spectral_",
+}
 
 
 def _member_rows(ind):
@@ -349,7 +366,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         with timer("cluster_means"), progress_bar(self.verbose, n, "means") as bar:
             means = _cache.cluster_means(fmodel, X, y, labels, n_clusters, bs, bar)
         op = DampedGGNOperator(fmodel, X, y, self.damping, bs)
-        diagonal = correction == "full" and n_clusters < n  # C = N: no residuals
+        diagonal = correction == "full"  # at C = N the residuals are zero
         precond = None
         if diagonal:
             with timer("spectrum"):
@@ -372,6 +389,12 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
                 )
         with timer("outputs"):
             outputs, out_resp = _cache.output_pass(fmodel, X, y, sol.x, bs)
+        feats = None
+        if diagonal:
+            with timer("newton"), progress_bar(self.verbose, n, "newton") as bar:
+                feats = _newton.jacobian_features(
+                    fmodel, X, y, labels, means, precond, bs, bar=bar
+                )
         mean_sq = (means * means).sum(1).cpu().numpy()
 
         self._fmodel = fmodel
@@ -400,13 +423,17 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         self.self_influence_ = scale * d_raw if diagonal else np.zeros(n)
         self.correction_scale_ = float(scale)
         self.correction_ = correction
+        self.spectrum_ = None if precond is None else precond.evals.cpu().numpy()
+        self.complement_ = None if precond is None else 1.0 / precond.tail
+        for key, attr in _NEWTON_ATTRS.items():
+            setattr(self, attr, None if feats is None else feats[key])
         self.cg_residuals_ = sol.residuals
         self.n_iter_ = sol.n_iter
         self.n_clusters_ = n_clusters
         self.n_samples_fit_ = n
         self.n_features_in_ = n_features(X)
         self.n_params_ = fmodel.n_params
-        self.n_data_passes_ = 4 + int(diagonal) + op.n_passes
+        self.n_data_passes_ = 4 + 2 * int(diagonal) + op.n_passes
         self.n_ggn_products_ = op.n_products
         self.timings_ = dict(timer)
         self.model_fingerprint_ = fmodel.fingerprint()
@@ -498,20 +525,42 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         M = self.membership(subsets)
         return np.asarray(M @ self.responses_.astype(np.float64)) / self.n_samples_fit_
 
-    def loss_change(self, subsets, X=None, y=None):
+    def loss_change(self, subsets, X=None, y=None, *, target="auto"):
         """Predicted change of a mean loss when each subset is removed, ``(Q,)``.
 
-        With ``X=None`` the loss is each subset's own mean training loss (the
-        held-out loss of a CV fold); otherwise the mean loss over ``(X, y)``.
-        Positive means removal raises the loss.
+        Parameters
+        ----------
+        subsets : list of index arrays, boolean masks or a (Q, N) indicator
+            The subsets to remove.
+        X, y : array-like, default=None
+            With ``X=None`` the loss is each subset's own mean training loss
+            (the held-out loss of a CV fold); otherwise the mean loss over
+            ``(X, y)``, predicted to first order.
+        target : {"auto", "retrain", "if"}, default="auto"
+            What the self effect predicts. ``"retrain"``: the loss change of
+            actual retraining without the subset (a leave-k-out Newton step
+            with the second-order loss term, from the cache). ``"if"``: the
+            first-order influence-function effect the paper targets.
+            ``"auto"`` is ``"retrain"`` when fit cached its features
+            (``residual_correction`` ``"auto"``/``"full"``), else ``"if"``.
+
+        Returns
+        -------
+        delta : ndarray of shape (Q,)
+            Positive means removal raises the loss.
         """
         check_is_fitted(self)
         ind = self._indicator(subsets)
-        M = self._membership(ind)
-        N = self.n_samples_fit_
         if X is None and y is None:
-            return self._self_effect(ind, np.asarray(M.todense()))[0]
-        return np.asarray(M @ self._eval_alpha(X, y)).ravel() / N
+            return self._fold_effects(ind, target).delta_loss
+        self._resolve_target(target)  # rejects an unknown target
+        if target == "retrain":
+            raise ValueError(
+                "target='retrain' applies to self effects (X=None); evaluation-set "
+                "effects are first order, use target='auto' or 'if'."
+            )
+        M = self._membership(ind)
+        return np.asarray(M @ self._eval_alpha(X, y)).ravel() / self.n_samples_fit_
 
     def _eval_alpha(self, X, y):
         """``alpha_c = g_V^T v_c`` for an evaluation set, cached per (model, data).
@@ -547,13 +596,39 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         diag = np.asarray(ind @ self.self_influence_).ravel()
         return (kept + cross + diag) / (N * m), kept / (N * m)
 
-    def _fold_effects(self, ind):
+    def _check_target_params(self, target):
+        """Reject, before fitting, a target these parameters cannot give."""
+        _check_target(target)
+        if target == "retrain" and _CORRECTIONS.get(self.residual_correction) != "full":
+            raise ValueError(
+                "target='retrain' needs residual_correction='auto' or 'full' (the "
+                f"spectral features); got {self.residual_correction!r}."
+            )
+
+    def _resolve_target(self, target):
+        """``"auto"`` -> ``"retrain"`` when the Newton features were cached."""
+        _check_target(target)
+        ready = getattr(self, "jacobian_spectral_", None) is not None
+        if target == "auto":
+            return "retrain" if ready else "if"
+        if target == "retrain" and not ready:
+            raise ValueError(
+                "target='retrain' needs the Newton-step features, cached by fit "
+                "only with residual_correction='auto' or 'full' and at most "
+                f"{_newton.MAX_OUTPUTS} outputs per example; use target='if'."
+            )
+        return target
+
+    def _fold_effects(self, ind, target="auto"):
         """Self effects of CSR subsets, all from the cache (no model needed).
 
-        Returns a Bunch with ``delta_loss`` (Q,), ``param_change_norm`` (Q,),
-        ``loss_in_sample`` (Q,) and ``oof_outputs`` (nnz, d): the first-order
-        outputs of every member with its own subset removed, in CSR order.
+        Returns a Bunch with ``delta_loss`` (Q,), ``delta_loss_if`` (Q,)
+        (first order), ``param_change_norm`` (Q,) (first order),
+        ``loss_in_sample`` (Q,) and ``oof_outputs`` (nnz, d): the outputs of
+        every member with its own subset removed, in CSR order, under the
+        same ``target`` as ``delta_loss``.
         """
+        target = self._resolve_target(target)
         N = self.n_samples_fit_
         M = np.asarray(self._membership(ind).todense())
         m = np.diff(ind.indptr)
@@ -562,11 +637,24 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         d_out = (
             np.einsum("nc,ncd->nd", M[rows], self.output_responses_[ind.indices]) / N
         )
-        delta, plain = self._self_effect(ind, M)
+        first, plain = self._self_effect(ind, M)
+        delta = first
+        if target == "retrain":
+            delta, d_out = _newton.newton_effects(
+                ind,
+                first,
+                d_out,
+                N,
+                1.0 / self.spectrum_,
+                self.complement_,
+                {k: getattr(self, a) for k, a in _NEWTON_ATTRS.items()},
+            )
         with np.errstate(divide="ignore", invalid="ignore"):
             share = np.where(delta != 0, 1 - plain / delta, 0.0)
         return Bunch(
             delta_loss=delta,
+            delta_loss_if=first,
+            target=target,
             correction_share=share,
             param_change_norm=np.sqrt(np.maximum(gram_quad, 0.0)) / N,
             loss_in_sample=np.asarray(ind @ self.train_loss_).ravel() / m,
@@ -767,9 +855,13 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
         _, dtheta = self._param_change(self._indicator(subsets))
         return dtheta.cpu().numpy().astype(np.float64)
 
-    def loss_change(self, subsets, X=None, y=None):
-        """Predicted change of each subset's own mean loss, or of the mean on (X, y)."""
+    def loss_change(self, subsets, X=None, y=None, *, target="auto"):
+        """Predicted change of each subset's own mean loss, or of the mean on (X, y).
+
+        First order only: ``target`` must be ``"auto"`` or ``"if"``.
+        """
         check_is_fitted(self)
+        self._resolve_target(target)
         ind = self._indicator(subsets)
         if X is None and y is None:
             sums, dtheta = self._param_change(ind)
@@ -808,8 +900,21 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
         per_example_pass(fmodel, self._X, self._y, self.batch_size, consume)
         return out
 
-    def _fold_effects(self, ind):
+    def _resolve_target(self, target):
+        """Per-query IF is first order: ``"auto"`` and ``"if"`` -> ``"if"``."""
+        _check_target(target)
+        if target == "retrain":
+            raise ValueError(
+                "PerQueryInfluence is first-order influence only; use target='if' "
+                "(or a ClusteredInfluenceEstimator for target='retrain')."
+            )
+        return "if"
+
+    _check_target_params = _resolve_target
+
+    def _fold_effects(self, ind, target="auto"):
         """Self effects of CSR subsets by one solve per subset (see CiF's)."""
+        self._resolve_target(target)
         fmodel = self._get_fmodel()
         sums, dtheta = self._param_change(ind)
         m = np.diff(ind.indptr)
@@ -822,8 +927,11 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
                 out, jv = output_jvp(fmodel, x, dtheta[q][None])
                 losses[q] += float(fmodel.loss.value(out, t).sum()) / members.size
                 outputs.append((out + jv[0]).reshape(x.shape[0], -1).cpu().numpy())
+        delta = ((sums / mt[:, None]) * dtheta).sum(1).cpu().numpy()
         return Bunch(
-            delta_loss=((sums / mt[:, None]) * dtheta).sum(1).cpu().numpy(),
+            delta_loss=delta,
+            delta_loss_if=delta,
+            target="if",
             correction_share=np.zeros(ind.shape[0]),
             param_change_norm=torch.linalg.vector_norm(dtheta, dim=1).cpu().numpy(),
             loss_in_sample=losses,

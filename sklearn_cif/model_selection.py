@@ -169,14 +169,25 @@ class InfluenceCV(BaseEstimator):
     scoring : str, callable, list, dict or None, default=None
         Scorers evaluated on the predicted out-of-fold outputs. ``None``:
         accuracy for classification losses, R² for regression.
+    target : {"auto", "retrain", "if"}, default="auto"
+        What every fold's ``delta_loss``, out-of-fold outputs and scores
+        predict. ``"retrain"``: actual retraining without the fold (a
+        leave-k-out Newton step with the second-order loss term, from the
+        cache; see :meth:`ClusteredInfluenceEstimator.loss_change`).
+        ``"if"``: the first-order influence-function effect. ``"auto"`` is
+        ``"retrain"`` whenever the estimator provides it, else ``"if"``
+        (``PerQueryInfluence`` is first order).
 
     Attributes
     ----------
     estimator_ : estimator
         The fitted influence estimator (the one given, when reused).
+    target_ : str
+        The resolved ``target``.
     cv_results_ : dict of ndarray
         One entry per fold: ``split``, ``n_test``, ``test_loss_in_sample``
-        (ℓ_V(θ)), ``delta_loss`` (predicted Δℓ), ``test_loss``
+        (ℓ_V(θ)), ``delta_loss`` (predicted Δℓ), ``delta_loss_if`` (its
+        first-order part), ``test_loss``
         (ℓ_V(θ) + Δℓ), ``correction_share`` (the part of ``delta_loss`` that
         the residual correction adds to plain CiF), ``param_change_norm``,
         ``score_time`` and
@@ -202,10 +213,11 @@ class InfluenceCV(BaseEstimator):
     (6,)
     """
 
-    def __init__(self, estimator=None, cv=5, scoring=None):
+    def __init__(self, estimator=None, cv=5, scoring=None, target="auto"):
         self.estimator = estimator
         self.cv = cv
         self.scoring = scoring
+        self.target = target
 
     # -- splitter protocol ------------------------------------------------------
     def _check_cv(self, y=None):
@@ -282,9 +294,11 @@ class InfluenceCV(BaseEstimator):
                     f"{k}; the splitter does not match the {n} training examples."
                 )
             tests.append(test)
+        base = self.estimator or ClusteredInfluenceEstimator()
+        base._check_target_params(self.target)  # before any fitting
         est, fit_time = self._fit_estimator(model, X, y)
         ind = subset_indicator(tests, n)
-        eff = est._fold_effects(ind)
+        eff = est._fold_effects(ind, self.target)
         y_np = y.detach().cpu().numpy() if torch.is_tensor(y) else np.asarray(y)
         n_out = eff.oof_outputs.shape[1]
         classes = _model_classes(model, n_out, est.loss_name_)
@@ -295,11 +309,13 @@ class InfluenceCV(BaseEstimator):
             n_test=np.diff(ind.indptr),
             test_loss_in_sample=eff.loss_in_sample,
             delta_loss=eff.delta_loss,
+            delta_loss_if=eff.delta_loss_if,
             correction_share=eff.correction_share,
             test_loss=eff.loss_in_sample + eff.delta_loss,
             param_change_norm=eff.param_change_norm,
         )
         self.estimator_ = est
+        self.target_ = eff.target
         self.splits_ = splits
         self.fit_time_ = fit_time
         self.multimetric_ = multi
@@ -379,11 +395,12 @@ def influence_cross_validate(
     scoring=None,
     estimator=None,
     return_indices=False,
+    target="auto",
 ):
     """Drop-in for :func:`sklearn.model_selection.cross_validate`, without retraining.
 
     Builds (or reuses) one influence cache and predicts every fold's held-out
-    score from first-order out-of-fold outputs.
+    score from predicted out-of-fold outputs.
 
     Parameters
     ----------
@@ -398,6 +415,8 @@ def influence_cross_validate(
         ``None`` means ``ClusteredInfluenceEstimator()``.
     return_indices : bool, default=False
         Add ``indices`` = ``{"train": [...], "test": [...]}``.
+    target : {"auto", "retrain", "if"}, default="auto"
+        What the scores predict, as in :class:`InfluenceCV`.
 
     Returns
     -------
@@ -408,7 +427,7 @@ def influence_cross_validate(
     """
     if not isinstance(return_indices, (bool, np.bool_, numbers.Integral)):
         raise TypeError(f"return_indices must be a bool; got {return_indices!r}.")
-    icv = InfluenceCV(estimator=estimator, cv=cv, scoring=scoring).fit(
+    icv = InfluenceCV(estimator=estimator, cv=cv, scoring=scoring, target=target).fit(
         model, X, y, groups
     )
     res = icv.cv_results_

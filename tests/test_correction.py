@@ -34,7 +34,7 @@ def test_cross_term_is_exact(dense):
     est = _fit(net, X, y, "cross")
     mu = np.stack([g[est.labels_ == c].mean(0) for c in range(est.n_clusters_)])
     N = len(y)
-    for S, got in zip(SUBSETS, est.loss_change(SUBSETS), strict=True):
+    for S, got in zip(SUBSETS, est.loss_change(SUBSETS, target="if"), strict=True):
         a, a_mu = g[S].sum(0), mu[est.labels_[S]].sum(0)
         b = a - a_mu
         ref = (a @ Hinv @ a_mu + a_mu @ Hinv @ b) / (N * len(S))
@@ -53,7 +53,7 @@ def test_full_correction_adds_exact_self_influence(dense):
     np.testing.assert_allclose(est.self_influence_, exact_self, rtol=1e-6)
     assert est.correction_scale_ == pytest.approx(1.0, rel=1e-6)
     N = len(y)
-    for S, got in zip(SUBSETS, est.loss_change(SUBSETS), strict=True):
+    for S, got in zip(SUBSETS, est.loss_change(SUBSETS, target="if"), strict=True):
         a, b = g[S].sum(0), R[S].sum(0)
         off_diag = b @ Hinv @ b - exact_self[S].sum()
         ref = (a @ Hinv @ a - off_diag) / (N * len(S))
@@ -79,7 +79,7 @@ def test_correction_vanishes_with_one_cluster_per_example(dense):
     assert np.all(est.self_influence_ == 0) and est.correction_scale_ == 0.0
     N = len(y)
     ref = [g[S].sum(0) @ Hinv @ g[S].sum(0) / (N * len(S)) for S in SUBSETS]
-    np.testing.assert_allclose(est.loss_change(SUBSETS), ref, rtol=1e-7)
+    np.testing.assert_allclose(est.loss_change(SUBSETS, target="if"), ref, rtol=1e-7)
 
 
 def test_correction_leaves_param_change_plain(dense):

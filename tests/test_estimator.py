@@ -53,7 +53,7 @@ def test_cif_with_n_clusters_n_equals_per_query_equals_dense(tiny_classification
     self_ref = np.array(
         [g[s].mean(0).numpy() @ d for s, d in zip(SUBSETS, dense, strict=True)]
     )
-    assert _rel(cif.loss_change(SUBSETS), self_ref) < 1e-6
+    assert _rel(cif.loss_change(SUBSETS, target="if"), self_ref) < 1e-6
     assert _rel(pq.loss_change(SUBSETS), self_ref) < 1e-6
     # effect on an evaluation set's mean loss
     Xv, yv = X[:8] + 0.1, y[:8]

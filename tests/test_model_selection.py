@@ -64,7 +64,9 @@ def test_every_splitter_matches_dense_oracle(tiny_classification, name):
     # the out-of-fold outputs equal a dense influence computation per fold.
     net, X, y = tiny_classification
     cv, groups = SPLITTERS[name]
-    icv = InfluenceCV(_exact(net, X, y), cv=cv, scoring=["accuracy", "neg_log_loss"])
+    icv = InfluenceCV(
+        _exact(net, X, y), cv=cv, scoring=["accuracy", "neg_log_loss"], target="if"
+    )
     icv.fit(net, X, y, groups=groups)
     tests = [te for _, te in icv.splits_]
     n_splits = len(list(cv)) if isinstance(cv, list) else cv.get_n_splits(X, y, groups)
@@ -108,7 +110,8 @@ def test_per_query_estimator_gives_the_same_results(tiny_classification):
     # InfluenceCV on PerQueryInfluence equals it on exact CiF (two engines).
     net, X, y = tiny_classification
     cv = KFold(4, shuffle=True, random_state=1)
-    a = InfluenceCV(_exact(net, X, y), cv=cv, scoring="neg_log_loss").fit(net, X, y)
+    a = InfluenceCV(_exact(net, X, y), cv=cv, scoring="neg_log_loss", target="if")
+    a.fit(net, X, y)
     pq = PerQueryInfluence(loss="cross_entropy", damping=LAM, cg_tol=1e-12)
     b = InfluenceCV(pq, cv=cv, scoring="neg_log_loss").fit(net, X, y)
     for key in ("delta_loss", "param_change_norm", "test_loss", "test_score"):

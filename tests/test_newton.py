@@ -1,0 +1,211 @@
+"""Leave-k-out Newton step and second-order loss (``target="retrain"``).
+
+Oracles: the dense Newton step ``(H - (m/N) G_S)^{-1} b`` with explicit
+``G_S``; a direct dense solve of the fold's output-space system; and actual
+retraining of a logistic regression by LBFGS.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _oracles import dense_ggn, dense_influence, flat_params, make_f
+from sklearn.model_selection import KFold
+
+from sklearn_cif import ClusteredInfluenceEstimator, InfluenceCV, PerQueryInfluence
+from sklearn_cif._newton import newton_effects
+from sklearn_cif._subsets import subset_indicator
+
+LAM = 0.05
+CE = torch.nn.CrossEntropyLoss(reduction="none")
+MSE = lambda out, t: ((out - t) ** 2).mean(1)  # noqa: E731
+# sorted folds: answers list members in sorted order
+FOLDS = [np.arange(0, 6), np.array([3, 17, 21]), np.array([11]), np.arange(12, 24)]
+
+
+def _dense_newton(net, loss_fn, X, y, folds):
+    """Dense Newton step, second-order loss change and fold outputs per fold."""
+    n = len(y)
+    _, g, H = dense_influence(net, loss_fn, X, y, LAM, folds)
+    f, theta = make_f(net), flat_params(net)
+    deltas, outs = [], []
+    for S in folds:
+        m = len(S)
+        G_S = dense_ggn(net, loss_fn, X[S], y[S], 0.0)
+        d_N = torch.linalg.solve(H - m / n * G_S, g[S].sum(0) / n)
+        deltas.append((g[S].mean(0) @ d_N + 0.5 * d_N @ G_S @ d_N).item())
+        J = torch.autograd.functional.jacobian(lambda th, xs=X[S]: f(th, xs), theta)
+        outs.append((f(theta, X[S]) + J @ d_N).detach().reshape(m, -1).numpy())
+    return np.array(deltas), np.concatenate(outs)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_woodbury_path_reproduces_the_dense_newton_step(
+    task, tiny_classification, tiny_regression
+):
+    # With one cluster per example and every eigenpair kept, the cached
+    # Woodbury path is the dense Newton step + second-order term (float64).
+    net, X, y = tiny_classification if task == "classification" else tiny_regression
+    loss, loss_fn = ("cross_entropy", CE) if task == "classification" else ("mse", MSE)
+    p = sum(q.numel() for q in net.parameters())
+    est = ClusteredInfluenceEstimator(
+        len(y),
+        loss=loss,
+        damping=LAM,
+        cg_tol=1e-13,
+        correction_rank=p,
+        random_state=0,
+    ).fit(net, X, y)
+    ref, ref_out = _dense_newton(net, loss_fn, X, y, FOLDS)
+    eff = est._fold_effects(subset_indicator(FOLDS, len(y)), "retrain")
+    np.testing.assert_allclose(eff.delta_loss, ref, rtol=1e-8)
+    np.testing.assert_allclose(est.loss_change(FOLDS), ref, rtol=1e-8)
+    # FOLDS are sorted, so the reference lists members in CSR order
+    np.testing.assert_allclose(eff.oof_outputs, ref_out, rtol=1e-8, atol=1e-10)
+    # the Newton step is not the first-order effect
+    assert np.all(np.abs(eff.delta_loss - eff.delta_loss_if) > 1e-4 * np.abs(ref))
+
+
+def test_low_rank_plus_block_diagonal_solve_matches_dense_algebra():
+    # newton_effects at a partial rank equals a direct dense solve of the
+    # same approximate output-space system (independent linear algebra).
+    rng = np.random.default_rng(0)
+    n, d, r, N = 7, 3, 4, 50
+    F_ = rng.normal(size=(n, d, r))
+    Jfull = rng.normal(size=(n, d, 9))
+    gram = Jfull @ Jfull.transpose(0, 2, 1) + np.einsum("ndr,ner->nde", F_, F_)
+    A = rng.normal(size=(n, d, d))
+    hess = A @ A.transpose(0, 2, 1) / d
+    feats = {
+        "F": F_,
+        "gram": gram,
+        "hess": hess,
+        "Jr": rng.normal(size=(n, d)),
+        "Ur": rng.normal(size=(n, r)),
+    }
+    D, c = rng.uniform(0.5, 2.0, size=r), 0.3
+    folds = [np.array([0, 2, 5]), np.array([1, 3, 4, 6])]
+    ind = subset_indicator(folds, n)
+    first = rng.normal(size=2)
+    w_means = rng.normal(size=(ind.nnz, d))
+    delta, out = newton_effects(ind, first, w_means, N, D, c, feats)
+    for q, S in enumerate(folds):
+        lo, hi = ind.indptr[q], ind.indptr[q + 1]
+        m = len(S)
+        Fs = F_[S].reshape(m * d, r)
+        K = Fs @ np.diag(D) @ Fs.T
+        for a, i in enumerate(S):  # complement within each example only
+            K[a * d : (a + 1) * d, a * d : (a + 1) * d] += c * (
+                gram[i] - F_[i] @ F_[i].T
+            )
+        Hs = np.zeros((m * d, m * d))
+        for a, i in enumerate(S):
+            Hs[a * d : (a + 1) * d, a * d : (a + 1) * d] = hess[i]
+        # J_i H^-1 r_j: through U for all pairs, complement only for j = i
+        Jr = F_[S] @ (D * feats["Ur"][S].sum(0)) + c * (
+            feats["Jr"][S] - np.einsum("mdr,mr->md", F_[S], feats["Ur"][S])
+        )
+        w = (w_means[lo:hi] + Jr / N).reshape(-1)
+        z = Hs / N @ np.linalg.solve(np.eye(m * d) - K @ Hs / N, w)
+        o = w + K @ z
+        ref = first[q] + N / m * w @ z + o @ Hs @ o / (2 * m)
+        assert delta[q] == pytest.approx(ref, rel=1e-10)
+        np.testing.assert_allclose(out[lo:hi].reshape(-1), o, rtol=1e-10)
+
+
+def _logreg(X, y, lam, keep=None, init=None):
+    """Multinomial logistic regression at its regularized optimum (float64)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(X.shape[1], 10).double() if init is None else init
+    xs, ys = (X, y) if keep is None else (X[keep], y[keep])
+    opt = torch.optim.LBFGS(
+        net.parameters(),
+        max_iter=500,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-15,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(xs), ys, reduction="sum") / len(y)
+        loss = loss + 0.5 * lam * sum((q * q).sum() for q in net.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    return net
+
+
+def test_retrain_target_predicts_actual_retraining_better(digits):
+    # Against warm-started LBFGS retraining without each fold, the Newton
+    # estimate's median ratio is near 1, first-order IF's is not.
+    X, y = digits
+    X, y = torch.as_tensor(X[:400], dtype=torch.float64), torch.as_tensor(y[:400])
+    lam = 1e-3
+    net = _logreg(X, y, lam)
+    folds = [np.sort(t) for _, t in KFold(20, shuffle=True, random_state=0).split(X)]
+    actual = []
+    for S in folds[:8]:
+        keep = np.setdiff1d(np.arange(len(y)), S)
+        refit = _logreg(X, y, lam, keep, copy.deepcopy(net))
+        with torch.no_grad():
+            actual.append(
+                (
+                    F.cross_entropy(refit(X[S]), y[S])
+                    - F.cross_entropy(net(X[S]), y[S])
+                ).item()
+            )
+    actual = np.array(actual)
+    est = ClusteredInfluenceEstimator(
+        20, loss="cross_entropy", damping=lam, cg_tol=1e-10, random_state=0
+    ).fit(net, X, y)
+    cv = [(np.setdiff1d(np.arange(len(y)), S), S) for S in folds[:8]]
+    icv = InfluenceCV(est, cv=cv).fit(net, X, y)
+    assert icv.target_ == "retrain"
+    ratio_newton = np.median(icv.cv_results_["delta_loss"] / actual)
+    ratio_if = np.median(icv.cv_results_["delta_loss_if"] / actual)
+    assert 0.85 < ratio_newton < 1.15
+    assert abs(np.log(ratio_newton)) < abs(np.log(ratio_if))
+
+
+def test_target_choices_and_errors(tiny_classification):
+    net, X, y = tiny_classification
+    kw = dict(loss="cross_entropy", damping=LAM, random_state=0)
+    est = ClusteredInfluenceEstimator(5, **kw).fit(net, X, y)
+    retrain = est.loss_change(FOLDS, target="retrain")
+    np.testing.assert_array_equal(est.loss_change(FOLDS), retrain)  # auto
+    assert not np.allclose(est.loss_change(FOLDS, target="if"), retrain)
+    with pytest.raises(ValueError, match="target='newton'"):
+        est.loss_change(FOLDS, target="newton")
+    with pytest.raises(ValueError, match="evaluation-set effects are first order"):
+        est.loss_change(FOLDS, X, y, target="retrain")
+    # without the spectral features "auto" is first order and "retrain" refused
+    plain = ClusteredInfluenceEstimator(5, residual_correction="none", **kw)
+    with pytest.raises(ValueError, match="residual_correction='auto' or 'full'"):
+        InfluenceCV(plain, cv=3, target="retrain").fit(net, X, y)
+    assert not hasattr(plain, "labels_")  # refused before fitting
+    plain.fit(net, X, y)
+    assert InfluenceCV(plain, cv=3).fit(net, X, y).target_ == "if"
+    with pytest.raises(ValueError, match="target='retrain' needs"):
+        plain.loss_change(FOLDS, target="retrain")
+    pq = PerQueryInfluence(loss="cross_entropy", damping=LAM)
+    with pytest.raises(ValueError, match="first-order influence only"):
+        InfluenceCV(pq, cv=3, target="retrain").fit(net, X, y)
+    assert InfluenceCV(pq, cv=3).fit(net, X, y).target_ == "if"
+
+
+def test_retrain_answers_survive_save_and_load(tiny_classification, tmp_path):
+    net, X, y = tiny_classification
+    est = ClusteredInfluenceEstimator(
+        5, loss="cross_entropy", damping=LAM, random_state=0
+    ).fit(net, X, y)
+    est.save(tmp_path / "cache.npz")
+    loaded = ClusteredInfluenceEstimator.load(tmp_path / "cache.npz")
+    np.testing.assert_array_equal(
+        loaded.loss_change(FOLDS, target="retrain"), est.loss_change(FOLDS)
+    )
