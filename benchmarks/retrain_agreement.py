@@ -102,28 +102,26 @@ def model(name, X, y):
 
 
 def refits(name, net, X, y, fold_list):
-    """Actual held-out loss change per fold (cached on disk)."""
+    """Actual held-out loss change per fold (cached on disk, resumable)."""
     key = hashlib.sha1(b"".join(f.tobytes() for f in fold_list)).hexdigest()
     path = RESULTS / f"refits_{name}.npz"
-    if path.exists():
+    actual, seconds = [], 0.0
+    if path.exists():  # a partial file is saved every 10 refits
         saved = np.load(path)
         if str(saved["key"]) == key:
-            return saved["actual"], float(saved["seconds"])
+            actual, seconds = list(saved["actual"]), float(saved["seconds"])
     Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
-    actual, t0 = [], time.perf_counter()
-    for k, test in enumerate(fold_list):
+    for k in range(len(actual), len(fold_list)):
+        t0, test = time.perf_counter(), fold_list[k]
         keep = np.setdiff1d(np.arange(len(y)), test)
         m = lbfgs(copy.deepcopy(net), Xt[keep], yt[keep], len(y))
         with torch.no_grad():
             before = F.cross_entropy(net(Xt[test]), yt[test]).item()
             actual.append(F.cross_entropy(m(Xt[test]), yt[test]).item() - before)
-        if k % 25 == 24:
-            print(
-                f"  {name}: {k + 1} refits, {time.perf_counter() - t0:.0f} s",
-                flush=True,
-            )
-    seconds = time.perf_counter() - t0
-    np.savez(path, key=key, actual=np.array(actual), seconds=seconds)
+        seconds += time.perf_counter() - t0
+        if k % 10 == 9 or k == len(fold_list) - 1:
+            np.savez(path, key=key, actual=np.array(actual), seconds=seconds)
+            print(f"  {name}: {k + 1} refits, {seconds:.0f} s", flush=True)
     return np.array(actual), seconds
 
 

@@ -12,7 +12,12 @@ from sklearn.cluster import MiniBatchKMeans
 
 from sklearn_cif._fitting import per_example_pass
 from sklearn_cif.curvature import output_jvp
-from sklearn_cif.gradients import batch_tensors, iter_batches, per_example_grads
+from sklearn_cif.gradients import (
+    batch_tensors,
+    iter_batches,
+    per_example_grads,
+    summed_grad,
+)
 from sklearn_cif.solvers import SpectralPreconditioner, batched_cg, randomized_eigh
 
 __all__ = [
@@ -60,17 +65,38 @@ def cluster(S, n_clusters, seed):
 
 
 def cluster_means(fmodel, X, y, labels, n_clusters, batch_size, bar):
-    """Pass 2: full-space means ``mu_c`` (C, p) from per-example gradients."""
+    """Pass 2: full-space means ``mu_c`` (C, p), no per-example gradients.
+
+    ``mu_c`` is the gradient of cluster ``c``'s mean loss, so each batch of
+    one cluster's examples (taken in cluster order) costs one ordinary
+    forward/backward pass.
+    """
     sums = torch.zeros(
         n_clusters, fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device
     )
-    lab = torch.as_tensor(labels, device=fmodel.device)
+    if n_clusters == len(labels):
+        # One example per cluster (exact per-example IF): the same per-example
+        # gradients as the later passes, so every residual is exactly zero.
+        def consume(idx, G, _):
+            sums[labels[idx]] = G
 
-    def consume(idx, G, _):
-        sums.index_add_(0, lab[idx], G)
-
-    per_example_pass(fmodel, X, y, batch_size, consume, bar)
-    counts = torch.bincount(lab, minlength=n_clusters).to(sums.dtype)
+        per_example_pass(fmodel, X, y, batch_size, consume, bar)
+        return sums
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(n_clusters + 1))
+    for c in range(n_clusters):
+        members = order[bounds[c] : bounds[c + 1]]
+        for sl in iter_batches(members.size, batch_size):
+            x, t = batch_tensors(fmodel, X, y, members[sl])
+            sums[c] += summed_grad(fmodel, x, t)
+            if bar is not None:
+                bar.update(sl.stop - sl.start)
+    if not bool(torch.isfinite(sums).all()):
+        bad = np.flatnonzero(~torch.isfinite(sums).all(1).cpu().numpy())
+        raise FloatingPointError(f"Non-finite gradient sums in clusters {bad[:10]}.")
+    counts = torch.as_tensor(
+        np.bincount(labels, minlength=n_clusters), dtype=sums.dtype, device=sums.device
+    )
     return sums / counts[:, None]
 
 

@@ -15,6 +15,7 @@ from sklearn.utils.validation import check_array, check_scalar
 
 from sklearn_cif.adapters import _is_skorch_net, as_functional
 from sklearn_cif.gradients import (
+    _take,
     batch_tensors,
     iter_batches,
     per_example_grads,
@@ -135,6 +136,25 @@ def check_common_params(est):
     if est.cg_maxiter is not None:
         check_scalar(est.cg_maxiter, "cg_maxiter", numbers.Integral, min_val=1)
     check_scalar(est.batch_size, "batch_size", numbers.Integral, min_val=1)
+    if est.curvature_samples is not None:
+        check_scalar(
+            est.curvature_samples, "curvature_samples", numbers.Integral, min_val=1
+        )
+
+
+def curvature_data(X, y, curvature_samples, seed):
+    """The examples the curvature ``G`` averages over: all, or a seeded subsample.
+
+    Returns ``(X_c, y_c, indices)``, ``indices`` None for all examples. The
+    same subsample serves every solve of one fit (CiF and baselines).
+    """
+    n = _n_rows(y, "y")
+    if curvature_samples is None or curvature_samples >= n:
+        return X, y, None
+    idx = np.sort(
+        np.random.RandomState(seed).choice(n, int(curvature_samples), replace=False)
+    )
+    return _take(X, idx), _take(y, idx), idx
 
 
 def build_model(est, model, X=None, y=None):

@@ -23,6 +23,7 @@ from sklearn_cif._fitting import (
     check_common_params,
     check_data,
     check_inputs,
+    curvature_data,
     data_fingerprint,
     mean_gradient,
     n_features,
@@ -211,6 +212,10 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         precondition the CG solves.
     n_calibration : int, default=32
         Examples solved exactly to calibrate the self-influence scale.
+    curvature_samples : int or None, default=None
+        Average the curvature ``G`` over this many seeded random training
+        examples instead of all ``N`` (cheaper CG iterations and spectrum;
+        gradients still use every example). ``None``: all examples.
     device : str, default="auto"
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     random_state : int, RandomState instance or None, default=None
@@ -265,11 +270,25 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
     n_iter_ : ndarray of shape (C,)
         CG iterations per cluster.
     n_clusters_, n_samples_fit_, n_params_ : int
+    curvature_indices_ : ndarray of shape (curvature_samples,) or None
+        The examples the curvature averages over (``None``: all).
     n_data_passes_, n_ggn_products_ : int
         Work counters of the fit.
     timings_ : dict
         Seconds per phase: ``sketch``, ``cluster``, ``cluster_means``,
-        ``solve``, ``influence``, ``outputs``.
+        ``spectrum``, ``solve``, ``influence``, ``calibration``, ``outputs``
+        and ``newton`` (the last and the spectrum phases with the default
+        ``residual_correction``).
+    spectrum_ : ndarray of shape (r,) or None
+        Top eigenvalues of :math:`G + \lambda I` (``r = correction_rank``).
+    complement_ : float or None
+        The inverse curvature used outside their eigenvectors.
+    jacobian_spectral_, jacobian_gram_, output_hessians_ : ndarray or None
+        Per example: ``J_i U^T`` (N, d, r), ``J_i J_i^T`` (N, d, d) and the
+        loss's output Hessian (N, d, d), for the Newton step of
+        ``target="retrain"`` (``None`` without them).
+    residual_jacobian_, residual_spectral_ : ndarray or None
+        ``J_i r_i`` (N, d) and ``U r_i`` (N, r), ``r_i = g_i - mu_{c(i)}``.
     model_fingerprint_, data_fingerprint_ : str
         SHA-1 of the model parameters and of the training data.
 
@@ -310,6 +329,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         residual_correction="auto",
         correction_rank=64,
         n_calibration=32,
+        curvature_samples=None,
         device="auto",
         random_state=None,
         verbose=0,
@@ -327,6 +347,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         self.residual_correction = residual_correction
         self.correction_rank = correction_rank
         self.n_calibration = n_calibration
+        self.curvature_samples = curvature_samples
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -355,7 +376,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         correction = self._check_params(n)
         fmodel = build_model(self, model, X, y)
         rng = check_random_state(self.random_state)
-        seeds = rng.randint(np.iinfo(np.int32).max, size=4)  # one per consumer
+        seeds = rng.randint(np.iinfo(np.int32).max, size=5)  # one per consumer
         sketch = make_sketch(self.sketch, fmodel.n_params, self.sketch_dim, seeds[0])
         timer, bs = Timer(), self.batch_size
         with timer("sketch"), progress_bar(self.verbose, n, "sketch") as bar:
@@ -365,7 +386,8 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         n_clusters = int(labels.max()) + 1
         with timer("cluster_means"), progress_bar(self.verbose, n, "means") as bar:
             means = _cache.cluster_means(fmodel, X, y, labels, n_clusters, bs, bar)
-        op = DampedGGNOperator(fmodel, X, y, self.damping, bs)
+        Xc, yc, curv_idx = curvature_data(X, y, self.curvature_samples, seeds[4])
+        op = DampedGGNOperator(fmodel, Xc, yc, self.damping, bs)
         diagonal = correction == "full"  # at C = N the residuals are zero
         precond = None
         if diagonal:
@@ -433,6 +455,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         self.n_samples_fit_ = n
         self.n_features_in_ = n_features(X)
         self.n_params_ = fmodel.n_params
+        self.curvature_indices_ = curv_idx
         self.n_data_passes_ = 4 + 2 * int(diagonal) + op.n_passes
         self.n_ggn_products_ = op.n_products
         self.timings_ = dict(timer)
@@ -747,6 +770,11 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
         ``"sequential"`` solves the queries one after another (the paper's
         baseline); ``"batched"`` solves all queries of a call together, one
         data pass per CG iteration for all of them (memory ``Q x p``).
+    curvature_samples : int or None, default=None
+        As in :class:`ClusteredInfluenceEstimator` (the same seeded subsample
+        for every solve).
+    random_state : int, RandomState instance or None, default=None
+        Seeds the curvature subsample.
 
     Attributes
     ----------
@@ -754,6 +782,8 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
     model_fingerprint_, data_fingerprint_ : str
     n_solves_ : int
         Right-hand sides solved so far (grows with every query).
+    curvature_indices_ : ndarray or None
+        The examples the curvature averages over (``None``: all).
     """
 
     # Every query needs the training data, so it stays in the pickle.
@@ -770,6 +800,8 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
         params=None,
         device="auto",
         query_mode="sequential",
+        curvature_samples=None,
+        random_state=None,
         verbose=0,
         model=None,
     ):
@@ -781,6 +813,8 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
         self.params = params
         self.device = device
         self.query_mode = query_mode
+        self.curvature_samples = curvature_samples
+        self.random_state = random_state
         self.verbose = verbose
         self.model = model
 
@@ -805,8 +839,12 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
                 f"query_mode={self.query_mode!r}; expected 'sequential' or 'batched'."
             )
         fmodel = build_model(self, model, X, y)
+        seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
         self._fmodel = fmodel
         self._X, self._y = X, y
+        *self._curvature, self.curvature_indices_ = curvature_data(
+            X, y, self.curvature_samples, seed
+        )
         self.n_samples_fit_ = len(y)
         self.n_features_in_ = n_features(X)
         self.n_params_ = fmodel.n_params
@@ -835,7 +873,7 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
         return out
 
     def _solve(self, fmodel, B):
-        op = DampedGGNOperator(fmodel, self._X, self._y, self.damping, self.batch_size)
+        op = DampedGGNOperator(fmodel, *self._curvature, self.damping, self.batch_size)
         kw = dict(tol=self.cg_tol, maxiter=self.cg_maxiter)
         if self.query_mode == "batched":
             sol = batched_cg(op.matmat, B, **kw).x

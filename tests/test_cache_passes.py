@@ -1,0 +1,56 @@
+"""Cluster means by ordinary backward passes; curvature subsampling."""
+
+import numpy as np
+import pytest
+import torch
+from _oracles import dense_ggn, loop_grads
+
+from sklearn_cif import ClusteredInfluenceEstimator, PerQueryInfluence, _cache
+from sklearn_cif._fitting import build_model
+
+LAM = 0.05
+CE = torch.nn.CrossEntropyLoss(reduction="none")
+FOLDS = [np.arange(0, 6), np.array([3, 17, 21]), np.array([11])]
+
+
+def test_cluster_means_by_backward_match_per_example_gradients(tiny_classification):
+    # mu_c from one backward per cluster batch equals the mean of loop gradients.
+    net, X, y = tiny_classification
+    est = ClusteredInfluenceEstimator(4, loss="cross_entropy")
+    fmodel = build_model(est, net, X, y)
+    labels = np.random.default_rng(0).integers(0, 4, size=len(y))
+    means = _cache.cluster_means(fmodel, X, y, labels, 4, 7, None)
+    g = loop_grads(net, CE, X, y)
+    ref = torch.stack([g[labels == c].mean(0) for c in range(4)])
+    torch.testing.assert_close(means, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_curv", [12, 30, 100])
+def test_curvature_samples_is_the_same_operator_for_cif_and_baseline(
+    tiny_classification, n_curv
+):
+    # Both estimators solve with G averaged over curvature_indices_ only:
+    # equal to a dense oracle built on exactly those examples.
+    net, X, y = tiny_classification
+    kw = dict(loss="cross_entropy", damping=LAM, cg_tol=1e-12, curvature_samples=n_curv)
+    cif = ClusteredInfluenceEstimator(len(y), random_state=3, **kw).fit(net, X, y)
+    pq = PerQueryInfluence(random_state=3, **kw).fit(net, X, y)
+    g = loop_grads(net, CE, X, y)
+    for est in (cif, pq):
+        idx = est.curvature_indices_
+        if n_curv >= len(y):
+            assert idx is None
+            idx = np.arange(len(y))
+        assert len(idx) == min(n_curv, len(y)) and len(np.unique(idx)) == len(idx)
+        H = dense_ggn(net, CE, X[idx], y[idx], LAM)
+        B = torch.stack([g[S].sum(0) for S in FOLDS]) / len(y)
+        ref = torch.linalg.solve(H, B.T).T.numpy()
+        np.testing.assert_allclose(est.param_change(FOLDS), ref, rtol=1e-7, atol=1e-12)
+
+
+def test_curvature_samples_must_be_positive(tiny_classification):
+    net, X, y = tiny_classification
+    with pytest.raises(ValueError, match="curvature_samples"):
+        ClusteredInfluenceEstimator(4, loss="cross_entropy", curvature_samples=0).fit(
+            net, X, y
+        )
