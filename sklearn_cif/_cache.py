@@ -165,7 +165,7 @@ def centers(S, labels, n_clusters):
     return sums / np.bincount(labels, minlength=n_clusters)[:, None]
 
 
-def output_pass(fmodel, X, y, V, batch_size):
+def output_pass(fmodel, X, y, V, batch_size, bar=None):
     """Pass 4: outputs ``f(x_i)`` (N, d) and ``J(x_i) v_c`` (N, C, d), no gradients.
 
     They make first-order out-of-fold outputs model-free at query time:
@@ -182,4 +182,6 @@ def output_pass(fmodel, X, y, V, batch_size):
             outputs = np.empty((n, out.shape[1]), dtype=out.dtype)
             jv = np.empty((n, V.shape[0], out.shape[1]), dtype=out.dtype)
         outputs[idx], jv[idx] = out, JV
+        if bar is not None:
+            bar.update(idx.stop - idx.start)
     return outputs, jv

@@ -395,9 +395,14 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
                 precond = _cache.spectral_preconditioner(
                     op, self.correction_rank, seeds[2]
                 )
-        with timer("solve"):
+        with timer("solve"), progress_bar(self.verbose, None, "CG") as bar:
             sol = batched_cg(
-                op.matmat, means, self.cg_tol, self.cg_maxiter, precond=precond
+                op.matmat,
+                means,
+                self.cg_tol,
+                self.cg_maxiter,
+                precond=precond,
+                progress=bar,
             )
         with timer("influence"), progress_bar(self.verbose, n, "influence") as bar:
             A, g_mu, d_raw = _cache.influence_pass(
@@ -409,8 +414,8 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
                 scale = _cache.calibrate(
                     fmodel, X, y, labels, means, op, precond, d_raw, self, seeds[3]
                 )
-        with timer("outputs"):
-            outputs, out_resp = _cache.output_pass(fmodel, X, y, sol.x, bs)
+        with timer("outputs"), progress_bar(self.verbose, n, "outputs") as bar:
+            outputs, out_resp = _cache.output_pass(fmodel, X, y, sol.x, bs, bar)
         feats = None
         if diagonal:
             with timer("newton"), progress_bar(self.verbose, n, "newton") as bar:

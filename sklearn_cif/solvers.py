@@ -37,7 +37,9 @@ class CGResult:
     n_iter: np.ndarray
 
 
-def batched_cg(matmat, B, tol=1e-5, maxiter=None, precond=None, verbose_name="CG"):
+def batched_cg(
+    matmat, B, tol=1e-5, maxiter=None, precond=None, verbose_name="CG", progress=None
+):
     """Solve ``A x_j = b_j`` for every row ``b_j`` of ``B`` by (preconditioned) CG.
 
     Parameters
@@ -53,6 +55,8 @@ def batched_cg(matmat, B, tol=1e-5, maxiter=None, precond=None, verbose_name="CG
     precond : callable or None
         ``R (r, p) -> M^{-1} R`` for a symmetric positive definite
         ``M ~ A`` (e.g. :class:`SpectralPreconditioner`); ``None`` is plain CG.
+    progress : tqdm bar or None
+        Advanced by one per iteration, showing the systems still active.
 
     Notes
     -----
@@ -94,6 +98,9 @@ def batched_cg(matmat, B, tol=1e-5, maxiter=None, precond=None, verbose_name="CG
         rel[active] = rel_a
         best[active] = np.minimum(best[active], rel_a)
         active = active[rel_a > tol]
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(active=active.size, worst=f"{rel.max():.1e}")
     # Recompute the true residual (the recursed one drifts in float32).
     true_res = torch.linalg.vector_norm(B - matmat(X), dim=1) / safe_bnorm
     residuals = true_res.cpu().numpy().astype(np.float64)

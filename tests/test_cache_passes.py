@@ -54,3 +54,15 @@ def test_curvature_samples_must_be_positive(tiny_classification):
         ClusteredInfluenceEstimator(4, loss="cross_entropy", curvature_samples=0).fit(
             net, X, y
         )
+
+
+def test_verbose_shows_a_bar_per_phase(tiny_classification, capfd):
+    # verbose > 0: tqdm bars for the data passes and the CG iterations.
+    pytest.importorskip("tqdm")
+    net, X, y = tiny_classification
+    ClusteredInfluenceEstimator(4, loss="cross_entropy", verbose=1).fit(net, X, y)
+    err = capfd.readouterr().err
+    for phase in ("sketch", "means", "CG", "influence", "outputs", "newton"):
+        assert phase in err, phase
+    ClusteredInfluenceEstimator(4, loss="cross_entropy", verbose=0).fit(net, X, y)
+    assert capfd.readouterr().err == ""
