@@ -222,14 +222,22 @@ def _check_finite_batch(G, losses, idx):
         )
 
 
-def per_example_pass(fmodel, X, y, batch_size, consume, progress=None):
+# Most per-example gradient numbers held at once (batch x parameters).
+GRADIENT_BUDGET = 2**26
+
+
+def per_example_pass(
+    fmodel, X, y, batch_size, consume, progress=None, budget=GRADIENT_BUDGET
+):
     """One pass of per-example gradients; ``consume(idx, G, losses)`` per batch.
 
     Nothing of size ``N x p`` is kept: each batch's ``G`` (``b x p``) is
-    handed to ``consume`` and dropped.
+    handed to ``consume`` and dropped; ``b`` is ``batch_size`` or less, so
+    that ``b x p <= budget`` (at least one example).
     """
     n = _n_rows(y, "y")
-    for idx in iter_batches(n, batch_size):
+    step = max(1, min(int(batch_size), budget // fmodel.n_params))
+    for idx in iter_batches(n, step):
         x, t = batch_tensors(fmodel, X, y, idx)
         G, losses = per_example_grads(fmodel, x, t)
         _check_finite_batch(G, losses, idx)

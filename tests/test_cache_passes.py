@@ -66,3 +66,20 @@ def test_verbose_shows_a_bar_per_phase(tiny_classification, capfd):
         assert phase in err, phase
     ClusteredInfluenceEstimator(4, loss="cross_entropy", verbose=0).fit(net, X, y)
     assert capfd.readouterr().err == ""
+
+
+def test_gradient_batches_are_bounded_by_a_memory_budget(tiny_classification):
+    # A budget of 2 * p numbers means batches of 2 examples, same gradients.
+    from sklearn_cif._fitting import per_example_pass
+
+    net, X, y = tiny_classification
+    fmodel = build_model(ClusteredInfluenceEstimator(loss="cross_entropy"), net, X, y)
+    seen, rows = [], torch.zeros(len(y), fmodel.n_params, dtype=fmodel.dtype)
+
+    def consume(idx, G, _):
+        seen.append(idx.stop - idx.start)
+        rows[idx] = G
+
+    per_example_pass(fmodel, X, y, 256, consume, budget=2 * fmodel.n_params)
+    assert max(seen) == 2 and sum(seen) == len(y)
+    torch.testing.assert_close(rows, loop_grads(net, CE, X, y), rtol=1e-10, atol=1e-12)
