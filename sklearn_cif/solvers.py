@@ -191,8 +191,15 @@ def randomized_eigh(
         Orthonormal Ritz vectors (rows), in the same order.
     """
     k = min(rank + n_oversamples, n)
-    omega = torch.randn(k, n, generator=generator, dtype=torch.float64)
-    Q = torch.linalg.qr(omega.to(like).T).Q.T  # (k, n) orthonormal rows
+    # Drawn in float64 row by row (the same start in any precision) without
+    # a float64 copy of the whole block.
+    omega = torch.stack(
+        [
+            torch.randn(n, generator=generator, dtype=torch.float64).to(like)
+            for _ in range(k)
+        ]
+    )
+    Q = torch.linalg.qr(omega.T).Q.T  # (k, n) orthonormal rows
     for _ in range(n_iter):
         Q = torch.linalg.qr(matmat(Q).T).Q.T
     AQ = matmat(Q)
