@@ -34,11 +34,11 @@ def _softmax(z):
 
 
 def outputs_to_proba(outputs, loss_name):
-    """Class probabilities from (first-order predicted) model outputs.
+    """Class probabilities from predicted model outputs.
 
     Logits (``cross_entropy``) and log-probabilities (``nll``) go through a
     softmax; probabilities (``nll_proba``) are clipped to be positive and
-    renormalized (a first-order step can leave the simplex); a binary logit
+    renormalized (a linearized step can leave the simplex); a binary logit
     (``bce_logits``) gives ``[1 - sigmoid, sigmoid]``.
     """
     if loss_name in ("cross_entropy", "nll"):
@@ -149,9 +149,11 @@ class InfluenceCV(BaseEstimator):
     """Approximate K-fold cross-validation of a trained model from one cache.
 
     For every fold of ``cv`` it predicts the effect of removing the fold's
-    test indices from training: the parameter change, the change of the
-    fold's own loss and its first-order out-of-fold outputs
-    ``f(x) + J(x) dtheta``, scored like ``cross_validate`` would.
+    test indices from training: the change of the fold's own loss and its
+    out-of-fold outputs ``f(x) + J(x) dtheta``, scored like
+    ``cross_validate`` would. By default ``dtheta`` is what retraining
+    without the fold gives (a leave-k-out Newton step from the cache, see
+    ``target``), not only the first-order influence.
 
     It is itself a splitter: ``split`` and ``get_n_splits`` delegate to
     ``check_cv(cv)``, and splits are materialized once per dataset so that
@@ -348,7 +350,7 @@ class InfluenceCV(BaseEstimator):
         Parameters
         ----------
         method : {"output", "predict", "predict_proba"}, default="output"
-            Raw first-order outputs ``f(x) + J(x) dtheta`` ``(N, d)``, labels or
+            Raw predicted outputs ``f(x) + J(x) dtheta`` ``(N, d)``, labels or
             values, or class probabilities.
 
         Returns
