@@ -1,12 +1,18 @@
 """GPU check: fit CiF on a small CNN with CIFAR-10-shaped random data on CUDA
 and on the CPU, check that they agree, and print per-example gradient + sketch
-throughput (examples/s) on each device.
+throughput (examples/s) on each device. Then the paper workload's shape on
+the GPU: a LeNet-sized CNN, N = 50,000 CIFAR-10-shaped synthetic examples,
+C = 50: build time per phase and the 150 KFold(50) + KFold(100) self-effect
+queries (first order and Newton step).
 
     python benchmarks/gpu_check.py            # needs torch; skorch not needed
+    python benchmarks/gpu_check.py --paper-n 2000 --paper-device cpu   # dry run
 
 Exits with status 1 when the devices disagree, 0 otherwise (also when no GPU).
 """
 
+import argparse
+import json
 import sys
 import time
 
@@ -54,7 +60,86 @@ def throughput(net, X, y, device):
     return N / (time.perf_counter() - start)
 
 
+def lenet():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 5),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(6, 16, 5),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 5 * 5, 120),
+        torch.nn.ReLU(),
+        torch.nn.Linear(120, 84),
+        torch.nn.ReLU(),
+        torch.nn.Linear(84, 10),
+    )
+
+
+def paper_workload(n, device):
+    """LeNet on n CIFAR-shaped examples: build phases and 150 fold queries."""
+    from sklearn.model_selection import KFold
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    net = lenet().to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-3)
+    Xt, yt = torch.as_tensor(X, device=device), torch.as_tensor(y, device=device)
+    for idx in torch.randperm(n, device=device).split(512):  # one epoch
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(Xt[idx]), yt[idx]).backward()
+        opt.step()
+    est = ClusteredInfluenceEstimator(
+        50,
+        loss="cross_entropy",
+        damping=1e-2,
+        batch_size=512,
+        random_state=0,
+        device=device,
+    )
+    start = time.perf_counter()
+    est.fit(net, X, y)
+    build = time.perf_counter() - start
+    folds = [
+        te
+        for K in (50, 100)
+        for _, te in KFold(K, shuffle=True, random_state=0).split(X)
+    ]
+    t0 = time.perf_counter()
+    est.loss_change(folds, target="if")
+    t_if = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    est.loss_change(folds, target="retrain")
+    t_rt = time.perf_counter() - t0
+    res = {
+        "device": device,
+        "N": n,
+        "p": est.n_params_,
+        "build_s": build,
+        "phases_s": est.timings_,
+        "queries_if_150_s": t_if,
+        "queries_retrain_150_s": t_rt,
+        "data_passes": est.n_data_passes_,
+        "ggn_products": est.n_ggn_products_,
+        "max_cg_iter": int(est.n_iter_.max()),
+    }
+    print(json.dumps(res, indent=1))
+    return res
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--paper-n", type=int, default=50_000)
+    ap.add_argument("--paper-device", default=None)
+    args = ap.parse_args()
+    device = args.paper_device or ("cuda" if torch.cuda.is_available() else None)
+    if device is not None:
+        paper_workload(args.paper_n, device)
+    else:
+        print("no CUDA device: paper workload skipped (use --paper-device cpu)")
     rng = np.random.default_rng(0)
     X = rng.normal(size=(N, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, N)
