@@ -101,12 +101,13 @@ def jacobian_features(
             return None
         if feats is None:
             r = U.shape[0]
+            dt = torch.empty(0, dtype=fmodel.dtype).numpy().dtype  # model precision
             feats = {
-                "F": np.empty((n, d, r)),
-                "gram": np.empty((n, d, d)),
-                "hess": np.empty((n, d, d)),
-                "Jr": np.empty((n, d)),
-                "Ur": np.empty((n, r)),
+                "F": np.empty((n, d, r), dtype=dt),
+                "gram": np.empty((n, d, d), dtype=dt),
+                "hess": np.empty((n, d, d), dtype=dt),
+                "Jr": np.empty((n, d), dtype=dt),
+                "Ur": np.empty((n, r), dtype=dt),
             }
         e, H = _output_derivatives(fmodel, out, t)
         # Bound (examples x outputs x parameters) held at once.
@@ -162,14 +163,15 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
         lo, hi = ind.indptr[q], ind.indptr[q + 1]
         rows = ind.indices[lo:hi]
         m = rows.size
-        F, Hs = feats["F"][rows], feats["hess"][rows]  # (m, d, r), (m, d, d)
+        f64 = {k: np.asarray(v[rows], dtype=np.float64) for k, v in feats.items()}
+        F, Hs = f64["F"], f64["hess"]  # (m, d, r), (m, d, d)
         # w = J_S u: exact cluster-mean part + residual part, through U for
         # all pairs and the complement within each example.
-        Ur = feats["Ur"][rows]
-        own = feats["Jr"][rows] - np.einsum("mdr,mr->md", F, Ur)
+        Ur = f64["Ur"]
+        own = f64["Jr"] - np.einsum("mdr,mr->md", F, Ur)
         w = w_means[lo:hi] + (F @ (D * Ur.sum(0)) + c * own) / N
         # K = F D F^T (all pairs) + c (J_i J_i^T - F_i F_i^T) (within examples).
-        Bd = c * (feats["gram"][rows] - F @ F.transpose(0, 2, 1))
+        Bd = c * (f64["gram"] - F @ F.transpose(0, 2, 1))
         eye = np.eye(w.shape[1])
         Q = eye - Bd @ Hs / N  # block diagonal part of I - K H / N
         Qi_w = np.linalg.solve(Q, w[..., None])[..., 0]

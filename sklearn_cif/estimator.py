@@ -207,9 +207,12 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         calibrated by exact solves). ``"auto"`` is ``"full"``, which measured
         best (see Notes). ``param_change`` and evaluation-set effects are
         plain CiF whatever this is.
-    correction_rank : int, default=64
+    correction_rank : int, default=128
         Eigenpairs of the curvature in the spectral approximation; they also
-        precondition the CG solves.
+        precondition the CG solves. The Newton step of ``target="retrain"``
+        needs more of them than the first-order correction: on the digits
+        MLP (p = 2,410) the median ratio to actual retraining was 0.52 /
+        0.59 / 0.70 / 1.10 at rank 16 / 32 / 64 / 128.
     n_calibration : int, default=32
         Examples solved exactly to calibrate the self-influence scale.
     curvature_samples : int or None, default=None
@@ -327,7 +330,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         params=None,
         sketch="countsketch",
         residual_correction="auto",
-        correction_rank=64,
+        correction_rank=128,
         n_calibration=32,
         curvature_samples=None,
         device="auto",

@@ -109,10 +109,8 @@ def fidelity_scorer(n_folds=20, *, effect="self", random_state=0):
             query_mode="batched",
         ).fit(estimator._get_fmodel().source_model, X_fit, y_fit)
         args = () if effect == "self" else (X, y)
-        return float(
-            stats.spearmanr(
-                estimator.loss_change(folds, *args), ref.loss_change(folds, *args)
-            ).statistic
-        )
+        # Fidelity to per-query IF: compare like with like (first order).
+        ours = estimator.loss_change(folds, *args, target="if")
+        return float(stats.spearmanr(ours, ref.loss_change(folds, *args)).statistic)
 
     return score
