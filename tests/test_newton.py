@@ -209,3 +209,28 @@ def test_retrain_answers_survive_save_and_load(tiny_classification, tmp_path):
     np.testing.assert_array_equal(
         loaded.loss_change(FOLDS, target="retrain"), est.loss_change(FOLDS)
     )
+
+
+def test_influence_cross_validate_follows_the_target(tiny_classification):
+    # Scores come from the same outputs as InfluenceCV's for either target.
+    from sklearn_cif import influence_cross_validate
+
+    net, X, y = tiny_classification
+    est = ClusteredInfluenceEstimator(
+        6, loss="cross_entropy", damping=LAM, random_state=0
+    ).fit(net, X, y)
+    cv = KFold(5, shuffle=True, random_state=0)
+    for target in ("retrain", "if"):
+        icv = InfluenceCV(est, cv=cv, scoring="neg_log_loss", target=target)
+        icv.fit(net, X, y)
+        res = influence_cross_validate(
+            net, X, y, cv=cv, scoring="neg_log_loss", estimator=est, target=target
+        )
+        np.testing.assert_array_equal(res["test_score"], icv.cv_results_["test_score"])
+        assert icv.target_ == target
+    icv_if = InfluenceCV(est, cv=cv, target="if").fit(net, X, y)
+    icv_rt = InfluenceCV(est, cv=cv).fit(net, X, y)
+    np.testing.assert_array_equal(
+        icv_rt.cv_results_["delta_loss_if"], icv_if.cv_results_["delta_loss"]
+    )
+    assert not np.allclose(icv_rt.predict_oof(), icv_if.predict_oof())
