@@ -583,6 +583,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         check_is_fitted(self)
         ind = self._indicator(subsets)
         if X is None and y is None:
+            if self._resolve_target(target) == "if":  # O(|S| C): no outputs
+                M = np.asarray(self._membership(ind).todense())
+                return self._self_effect(ind, M)[0]
             return self._fold_effects(ind, target).delta_loss
         self._resolve_target(target)  # rejects an unknown target
         if target == "retrain":
@@ -650,6 +653,20 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
             )
         return target
 
+    def _member_output_changes(self, ind, M, chunk=2**16):
+        """First-order output change of every member, ``(nnz, d)``, in chunks.
+
+        ``(1/N) sum_c m_c(S) J(x_i) v_c``; chunks keep the ``(rows, C, d)``
+        temporaries bounded for many large subsets.
+        """
+        rows, members = _member_rows(ind), ind.indices
+        out = np.empty((members.size, self.output_responses_.shape[2]))
+        for sl in iter_batches(members.size, chunk):
+            out[sl] = np.einsum(
+                "nc,ncd->nd", M[rows[sl]], self.output_responses_[members[sl]]
+            )
+        return out / self.n_samples_fit_
+
     def _fold_effects(self, ind, target="auto"):
         """Self effects of CSR subsets, all from the cache (no model needed).
 
@@ -664,10 +681,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         M = np.asarray(self._membership(ind).todense())
         m = np.diff(ind.indptr)
         gram_quad = np.einsum("qc,cd,qd->q", M, self.response_gram_, M)
-        rows = _member_rows(ind)
-        d_out = (
-            np.einsum("nc,ncd->nd", M[rows], self.output_responses_[ind.indices]) / N
-        )
+        d_out = self._member_output_changes(ind, M)
         first, plain = self._self_effect(ind, M)
         delta = first
         if target == "retrain":
