@@ -143,6 +143,14 @@ _CORRECTIONS = {"auto": "full", "full": "full", "cross": "cross", "none": "none"
 
 _TARGETS = ("auto", "retrain", "if")
 
+# Losses for which target="auto" means "retrain". With "nll_proba" (skorch's
+# softmax module + NLLLoss) the curvature split at the probabilities is
+# g_y g_y^T for the labelled class: a misclassified example gets a leverage
+# near 1 and the Newton step overshoots (skorch MLP on digits: median 5.8x
+# the real CV loss change, against 1.4x for first-order IF). Callable losses
+# are untested. Both still accept an explicit target="retrain".
+_NEWTON_AUTO_LOSSES = ("cross_entropy", "nll", "mse", "bce_logits")
+
 
 def _check_target(target):
     if not isinstance(target, str) or target not in _TARGETS:
@@ -573,7 +581,12 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
             with the second-order loss term, from the cache). ``"if"``: the
             first-order influence-function effect the paper targets.
             ``"auto"`` is ``"retrain"`` when fit cached its features
-            (``residual_correction`` ``"auto"``/``"full"``), else ``"if"``.
+            (``residual_correction`` ``"auto"``/``"full"``) and the loss is
+            ``"cross_entropy"``, ``"nll"``, ``"mse"`` or ``"bce_logits"``;
+            else ``"if"``. (With ``"nll_proba"``, skorch's softmax module,
+            the curvature split at the probabilities makes the Newton step
+            overshoot on misclassified examples; ask for ``"retrain"``
+            explicitly only after checking it against real refits.)
 
         Returns
         -------
@@ -640,11 +653,13 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
             )
 
     def _resolve_target(self, target):
-        """``"auto"`` -> ``"retrain"`` when the Newton features were cached."""
+        """``"auto"`` -> ``"retrain"`` when the Newton features were cached
+        and the loss's curvature is split at logits or a linear output."""
         _check_target(target)
         ready = getattr(self, "jacobian_spectral_", None) is not None
         if target == "auto":
-            return "retrain" if ready else "if"
+            auto_ok = getattr(self, "loss_name_", None) in _NEWTON_AUTO_LOSSES
+            return "retrain" if ready and auto_ok else "if"
         if target == "retrain" and not ready:
             raise ValueError(
                 "target='retrain' needs the Newton-step features, cached by fit "

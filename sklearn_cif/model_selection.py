@@ -177,8 +177,10 @@ class InfluenceCV(BaseEstimator):
         leave-k-out Newton step with the second-order loss term, from the
         cache; see :meth:`ClusteredInfluenceEstimator.loss_change`).
         ``"if"``: the first-order influence-function effect. ``"auto"`` is
-        ``"retrain"`` whenever the estimator provides it, else ``"if"``
-        (``PerQueryInfluence`` is first order).
+        ``"retrain"`` whenever the estimator provides it for its loss (see
+        :meth:`ClusteredInfluenceEstimator.loss_change`), else ``"if"``
+        (``PerQueryInfluence`` is first order; skorch's softmax + NLL
+        ``"nll_proba"`` stays first order by default).
 
     Attributes
     ----------

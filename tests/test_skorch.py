@@ -9,7 +9,7 @@ from _oracles import dense_influence
 skorch = pytest.importorskip("skorch")
 from skorch import NeuralNetBinaryClassifier, NeuralNetClassifier, NeuralNetRegressor  # noqa: E402
 
-from sklearn_cif import ClusteredInfluenceEstimator  # noqa: E402
+from sklearn_cif import ClusteredInfluenceEstimator, InfluenceCV  # noqa: E402
 
 EPS = torch.finfo(torch.float64).eps
 N = 40
@@ -86,6 +86,9 @@ def test_skorch_net_end_to_end_matches_dense(kind):
     )
     pred = est.param_change(subsets)
     assert np.linalg.norm(pred - ref.numpy()) / np.linalg.norm(ref.numpy()) < 1e-6
+    # the Newton step is the default except for NLL on softmax probabilities
+    icv = InfluenceCV(est, cv=3).fit(net, X64, y64)
+    assert icv.target_ == ("if" if kind == "nll_proba" else "retrain")
     net.module_.float()
     assert all(torch.equal(before[k], v) for k, v in net.module_.state_dict().items())
 
