@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _refit import l2, lbfgs_minimize
 from scipy.stats import spearmanr
 from sklearn.base import clone
 from sklearn.datasets import load_digits
@@ -70,25 +71,17 @@ def retrain_removal(module, X, y, test, n_total):
     m = copy.deepcopy(module).double()
     keep = np.setdiff1d(np.arange(len(y)), test)
     Xk, yk = torch.as_tensor(X[keep], dtype=torch.float64), torch.as_tensor(y[keep])
-    opt = torch.optim.LBFGS(
-        m.parameters(),
-        lr=1,
+    lbfgs_minimize(
+        m,
+        lambda net: (
+            F.nll_loss(torch.log(net(Xk) + EPS), yk, reduction="sum") / n_total
+            + 0.5 * LAM * l2(net)
+        ),
+        steps=5,
         max_iter=1000,
         tolerance_grad=1e-10,
         tolerance_change=1e-14,
-        history_size=50,
-        line_search_fn="strong_wolfe",
     )
-
-    def closure():
-        opt.zero_grad()
-        nll = F.nll_loss(torch.log(m(Xk) + EPS), yk, reduction="sum") / n_total
-        loss = nll + 0.5 * LAM * sum((p * p).sum() for p in m.parameters())
-        loss.backward()
-        return loss
-
-    for _ in range(5):
-        opt.step(closure)
     with torch.no_grad():
         Xt = torch.as_tensor(X[test], dtype=torch.float64)
         return F.nll_loss(torch.log(m(Xt) + EPS), torch.as_tensor(y[test])).item()

@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _refit import l2, lbfgs_minimize
 from sklearn.datasets import load_digits, make_classification
 from sklearn.model_selection import KFold
 
@@ -89,25 +90,16 @@ def refit_delta(net, X, y, test):
     Xs, ys = torch.as_tensor(X[test], dtype=torch.float64), torch.as_tensor(y[test])
     with torch.no_grad():
         before = F.cross_entropy(m(Xs), ys).item()
-    opt = torch.optim.LBFGS(
-        m.parameters(),
-        lr=1,
+    lbfgs_minimize(
+        m,
+        lambda net: (
+            F.cross_entropy(net(Xk), yk, reduction="sum") / len(y) + 0.5 * LAM * l2(net)
+        ),
+        steps=4,
         max_iter=500,
         tolerance_grad=1e-9,
         tolerance_change=1e-14,
-        history_size=50,
-        line_search_fn="strong_wolfe",
     )
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(m(Xk), yk, reduction="sum") / len(y)
-        loss = loss + 0.5 * LAM * sum((p * p).sum() for p in m.parameters())
-        loss.backward()
-        return loss
-
-    for _ in range(4):
-        opt.step(closure)
     with torch.no_grad():
         return F.cross_entropy(m(Xs), ys).item() - before
 

@@ -33,6 +33,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _refit import l2, lbfgs_minimize
 from scipy.stats import spearmanr
 from sklearn.datasets import load_digits
 from sklearn.model_selection import KFold, ShuffleSplit
@@ -63,29 +64,18 @@ def folds(n):
 
 def objective(net, X, y, n_total):
     loss = F.cross_entropy(net(X), y, reduction="sum") / n_total
-    return loss + 0.5 * LAM * sum((p * p).sum() for p in net.parameters())
+    return loss + 0.5 * LAM * l2(net)
 
 
 def lbfgs(net, X, y, n_total):
-    opt = torch.optim.LBFGS(
-        net.parameters(),
-        lr=1,
+    return lbfgs_minimize(
+        net,
+        lambda m: objective(m, X, y, n_total),
+        steps=3,
         max_iter=500,
         tolerance_grad=1e-9,
         tolerance_change=1e-15,
-        history_size=50,
-        line_search_fn="strong_wolfe",
     )
-
-    def closure():
-        opt.zero_grad()
-        loss = objective(net, X, y, n_total)
-        loss.backward()
-        return loss
-
-    for _ in range(3):
-        opt.step(closure)
-    return net
 
 
 def model(name, X, y):

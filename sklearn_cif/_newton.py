@@ -26,7 +26,8 @@ the top-``r`` eigenbasis ``U`` of :math:`\tilde H` (``F_i = J_i U^\top``),
 its Gram block ``J_i J_i^\top``, the output Hessian and gradient, and the
 residual ``r_i = g_i - \mu_{c(i)}`` seen through ``U`` and ``J_i``. The
 inverse curvature is :math:`U^\top D U + c (I - U^\top U)`
-(``D`` the inverse top eigenvalues, ``c`` a calibrated complement), with the
+(``D`` the inverse top eigenvalues, ``c = 1/theta_{r+1}`` the inverse of the
+first eigenvalue left out), with the
 complement kept within each example (cross-example complement terms are
 dropped). ``K`` is then low rank plus block diagonal, so a fold costs
 ``O(m (d^3 + d r^2) + r^3)``: no CG solve and no model pass per fold.

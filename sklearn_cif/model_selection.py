@@ -250,12 +250,7 @@ class InfluenceCV(BaseEstimator):
         return self._split_cache[1]
 
     # -- fitting ------------------------------------------------------------
-    def _fit_estimator(self, model, X, y):
-        base = (
-            self.estimator
-            if self.estimator is not None
-            else ClusteredInfluenceEstimator()
-        )
+    def _fit_estimator(self, base, model, X, y):
         fitted = hasattr(base, "model_fingerprint_")
         if (
             fitted
@@ -298,9 +293,13 @@ class InfluenceCV(BaseEstimator):
                     f"{k}; the splitter does not match the {n} training examples."
                 )
             tests.append(test)
-        base = self.estimator or ClusteredInfluenceEstimator()
+        base = (
+            self.estimator
+            if self.estimator is not None
+            else ClusteredInfluenceEstimator()
+        )
         base._check_target_params(self.target)  # before any fitting
-        est, fit_time = self._fit_estimator(model, X, y)
+        est, fit_time = self._fit_estimator(base, model, X, y)
         ind = subset_indicator(tests, n)
         eff = est._fold_effects(ind, self.target)
         y_np = y.detach().cpu().numpy() if torch.is_tensor(y) else np.asarray(y)
