@@ -39,7 +39,7 @@ from sklearn_cif.gradients import (
     summed_grad,
 )
 from sklearn_cif.sketch import make_sketch
-from sklearn_cif.solvers import batched_cg
+from sklearn_cif.solvers import batched_cg, block_cg
 
 __all__ = ["ClusteredInfluenceEstimator", "PerQueryInfluence"]
 
@@ -177,8 +177,10 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
 
     Sketches the per-example gradients with a seeded Johnson-Lindenstrauss
     map, clusters the sketches with :class:`~sklearn.cluster.MiniBatchKMeans`,
-    solves :math:`(G + \lambda I) v_c = \mu_c` once per cluster by conjugate
-    gradient and answers every removal query by recombining the ``v_c``.
+    solves :math:`(G + \lambda I) v_c = \mu_c` for all clusters at once by
+    block conjugate gradient (one data pass per iteration, one Krylov space
+    shared by the ``C`` systems) and answers every removal query by
+    recombining the ``v_c``.
 
     Parameters
     ----------
@@ -407,7 +409,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
                     op, self.correction_rank, seeds[2]
                 )
         with timer("solve"), progress_bar(self.verbose, None, "CG") as bar:
-            sol = batched_cg(
+            sol = block_cg(
                 op.matmat,
                 means,
                 self.cg_tol,
@@ -805,8 +807,9 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
         As in :class:`ClusteredInfluenceEstimator`.
     query_mode : {"sequential", "batched"}, default="sequential"
         ``"sequential"`` solves the queries one after another (the paper's
-        baseline); ``"batched"`` solves all queries of a call together, one
-        data pass per CG iteration for all of them (memory ``Q x p``).
+        baseline); ``"batched"`` solves all queries of a call together by
+        block CG, one data pass per iteration for all of them (memory
+        ``Q x p``): the strongest per-query baseline.
     curvature_samples : int or None, default=None
         As in :class:`ClusteredInfluenceEstimator` (the same seeded subsample
         for every solve).
@@ -913,7 +916,7 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
         op = DampedGGNOperator(fmodel, *self._curvature, self.damping, self.batch_size)
         kw = dict(tol=self.cg_tol, maxiter=self.cg_maxiter)
         if self.query_mode == "batched":
-            sol = batched_cg(op.matmat, B, **kw).x
+            sol = block_cg(op.matmat, B, **kw).x
         else:
             sol = torch.cat([batched_cg(op.matmat, b[None], **kw).x for b in B])
         self.n_solves_ += B.shape[0]
@@ -955,7 +958,7 @@ class PerQueryInfluence(TransformerMixin, _BaseInfluence):
 
         Entry ``(j, i)`` is :math:`\nabla\ell(x_j)^\top H^{-1} g_i`, the
         coordinates :meth:`ClusteredInfluenceEstimator.transform` gives with
-        one cluster per training example. Costs one batched solve for the
+        one cluster per training example. Costs one block solve for the
         ``n`` evaluation gradients and one per-example pass over the training
         data; holds ``n x p`` numbers, so keep ``n`` small.
         """

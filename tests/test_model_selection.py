@@ -134,20 +134,20 @@ def test_one_cache_serves_many_cv_schemes(digits_model):
         net, X, y
     )
     # every per-example gradient batch goes through _fitting.per_example_grads;
-    # every CG solve through solvers.batched_cg (imported by two modules)
+    # every CG solve through solvers.block_cg (imported by two modules)
     grads = mock.patch.object(
         fitting_module, "per_example_grads", wraps=fitting_module.per_example_grads
     )
     solve_calls = []
 
     def counting(module):
-        original = module.batched_cg
+        original = module.block_cg
 
         def wrapper(*args, **kwargs):
             solve_calls.append(module.__name__)
             return original(*args, **kwargs)
 
-        return mock.patch.object(module, "batched_cg", wrapper)
+        return mock.patch.object(module, "block_cg", wrapper)
 
     products = mock.patch.object(
         DampedGGNOperator, "matmat", autospec=True, side_effect=DampedGGNOperator.matmat
