@@ -106,20 +106,18 @@ def test_block_cg_deflates_converged_columns():
     torch.testing.assert_close(res.x, torch.linalg.solve(A, B.T).T)
 
 
-def test_block_cg_dependent_rhs_do_not_break_down():
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_block_cg_dependent_rhs_do_not_break_down(dtype, tol):
     # Repeated and proportional right-hand sides make the search block rank
     # deficient; the re-orthonormalization drops the dependent directions
     # instead of dividing by a singular P^T A P (in float32 too).
-    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-        A = _spd(80, 1e3, 7, dtype)
-        base = torch.randn(3, 80, generator=torch.Generator().manual_seed(3))
-        B = torch.cat([base, base, -2 * base, base[:1] + base[1:2]]).to(dtype)
-        res = block_cg(lambda V: V @ A, B, tol=tol, maxiter=2000)
-        ref = torch.linalg.solve(A.double(), B.double().T).T
-        err = torch.linalg.norm(res.x.double() - ref, dim=1) / torch.linalg.norm(
-            ref, dim=1
-        )
-        assert float(err.max()) < 1e3 * tol and res.residuals.max() < 2 * tol
+    A = _spd(80, 1e3, 7, dtype)
+    base = torch.randn(3, 80, generator=torch.Generator().manual_seed(3))
+    B = torch.cat([base, base, -2 * base, base[:1] + base[1:2]]).to(dtype)
+    res = block_cg(lambda V: V @ A, B, tol=tol, maxiter=2000)
+    ref = torch.linalg.solve(A.double(), B.double().T).T
+    err = torch.linalg.norm(res.x.double() - ref, dim=1) / torch.linalg.norm(ref, dim=1)
+    assert float(err.max()) < 1e3 * tol and res.residuals.max() < 2 * tol
 
 
 def test_block_cg_residuals_are_recomputed_true_residuals():
@@ -144,7 +142,8 @@ def test_preconditioned_block_cg_matches_dense_solve():
     from sklearn_cif.solvers import randomized_eigh
 
     A = _spd(120, 1e5, 9)
-    B = torch.randn(5, 120, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    B = torch.randn(5, 120, dtype=torch.float64, generator=gen)
     gen = torch.Generator().manual_seed(0)
     evals, evecs = randomized_eigh(lambda V: V @ A, 120, 20, generator=gen, like=A)
     P = SpectralPreconditioner(evals[:20], evecs[:20], evals[20])
