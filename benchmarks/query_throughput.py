@@ -7,8 +7,11 @@ subsets of size 1 ... 1,000 (uniform); the floor is the time to read their
 indices once (``np.concatenate``). Reports ``loss_change`` for self effects
 (corrected, first order; O(|S| C) each), for a fixed evaluation set with its
 cached alphas (O(|S| + C) each, the evaluation gradient computed once
-beforehand), and for the Newton-step self effects of ``target="retrain"``
+beforehand; with the duplicate check and with ``assume_unique=True``), and
+for the Newton-step self effects of ``target="retrain"``
 (O(|S| (d^3 + d r^2) + r^3) each; ``--retrain-queries`` of them).
+Every time is the median of ``--repeats`` runs (the first touch of fresh
+memory is slow on some machines, the floor's included).
 """
 
 import argparse
@@ -25,7 +28,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=100_000)
     ap.add_argument("--retrain-queries", type=int, default=2_000)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+
+    def timed(fn):
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
     X, y = make_classification(20_000, 20, random_state=0)
     X = X.astype(np.float32)
     torch.manual_seed(0)
@@ -41,12 +54,8 @@ def main():
     rng = np.random.default_rng(0)
     sizes = rng.integers(1, 1001, args.queries)
     subsets = [rng.choice(len(y), s, replace=False) for s in sizes]
-    t0 = time.perf_counter()
-    np.concatenate(subsets)
-    floor = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    est.loss_change(subsets, target="if")
-    t_query = time.perf_counter() - t0
+    floor = timed(lambda: np.concatenate(subsets))
+    t_query = timed(lambda: est.loss_change(subsets, target="if"))
     n_rt = min(args.retrain_queries, args.queries)
     t0 = time.perf_counter()
     est.loss_change(subsets[:n_rt], target="retrain")
@@ -54,9 +63,8 @@ def main():
     floor_rt = floor * np.sum(sizes[:n_rt]) / np.sum(sizes)
     X_val, y_val = X[:2000], y[:2000]
     est.loss_change(subsets[:1], X_val, y_val)  # computes and caches alpha
-    t0 = time.perf_counter()
-    est.loss_change(subsets, X_val, y_val)
-    t_eval = time.perf_counter() - t0
+    t_eval = timed(lambda: est.loss_change(subsets, X_val, y_val))
+    t_eval_u = timed(lambda: est.loss_change(subsets, X_val, y_val, assume_unique=True))
     print(
         f"build {build:.2f}s; index-read floor for {args.queries} subsets (mean |S| "
         f"{sizes.mean():.0f}): {floor:.3f}s"
@@ -64,6 +72,7 @@ def main():
     for name, t, q, fl in (
         ("self effects, target='if'", t_query, args.queries, floor),
         ("eval-set effects, cached alpha", t_eval, args.queries, floor),
+        ("  the same, assume_unique=True", t_eval_u, args.queries, floor),
         ("self effects, target='retrain'", t_rt, n_rt, floor_rt),
     ):
         print(

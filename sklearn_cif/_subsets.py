@@ -1,4 +1,4 @@
-"""Parsing and validating subset queries into a sparse indicator matrix.
+"""Parsing and validating subset queries.
 
 Accepted forms (``N`` training examples, ``Q`` queries):
 
@@ -6,6 +6,14 @@ Accepted forms (``N`` training examples, ``Q`` queries):
 - a list/tuple of index arrays;
 - a boolean mask of shape ``(N,)`` (``Q = 1``);
 - a ``(Q, N)`` 0/1 matrix, dense or ``scipy.sparse``.
+
+:class:`SubsetRows` holds the parsed rows without copying the index
+arrays. Its :meth:`~SubsetRows.chunks` walk them in cache-sized pieces,
+checking range and duplicates on the way, so a query that only needs
+per-cluster counts (:meth:`~SubsetRows.cluster_counts`) reads each index
+a small constant number of times and never builds an ``N``-wide or
+``nnz``-long float array. :func:`subset_indicator` builds the sparse
+``(Q, N)`` indicator the other queries need.
 """
 
 import numbers
@@ -13,10 +21,13 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["subset_indicator"]
+__all__ = ["SubsetRows", "subset_indicator"]
+
+# Entries of the duplicate-check stamp array: small enough to stay in cache.
+_STAMP_SIZE = 1 << 20
 
 
-def _check_indices(idx, n_samples, q):
+def _check_indices(idx, q):
     arr = np.asarray(idx)
     if arr.ndim != 1:
         raise ValueError(
@@ -31,39 +42,11 @@ def _check_indices(idx, n_samples, q):
             f"subsets[{q}] is a boolean array inside a list; pass masks as a (Q, N) "
             "0/1 matrix or one (N,) mask."
         )
-    if not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype.kind not in "iu":
         raise ValueError(
             f"subsets[{q}] must hold integer indices; got dtype {arr.dtype}."
         )
-    return arr  # range and duplicates are checked for all rows at once
-
-
-def _canonical_rows(ind, n_samples):
-    """Sort the rows of a CSR built from index rows; check range and duplicates.
-
-    Vectorized over all rows. Rows given strictly increasing (KFold folds,
-    masks) skip the sort. In sorted rows a duplicate is two equal neighbours
-    with no row boundary between them.
-    """
-    idx = ind.indices
-    bad = np.flatnonzero((idx < 0) | (idx >= n_samples))
-    starts = np.zeros(idx.size, dtype=bool)
-    starts[ind.indptr[:-1][np.diff(ind.indptr) > 0]] = True
-    if bad.size:
-        q = np.searchsorted(ind.indptr, bad[0], side="right") - 1
-        row = idx[ind.indptr[q] : ind.indptr[q + 1]]
-        raise ValueError(
-            f"subsets[{q}] has indices out of range [0, {n_samples}): "
-            f"min {row.min()}, max {row.max()}."
-        )
-    within = ~starts[1:]  # neighbour pairs inside one row
-    if not np.all(np.diff(idx)[within] > 0):
-        ind.sort_indices()
-        dup = np.flatnonzero((np.diff(ind.indices) == 0) & within)
-        if dup.size:
-            q = np.searchsorted(ind.indptr, dup[0], side="right") - 1
-            raise ValueError(f"subsets[{q}] has duplicate indices.")
-    ind.has_sorted_indices = True
+    return arr  # range and duplicates are checked chunk by chunk
 
 
 def _from_matrix(M, n_samples):
@@ -79,12 +62,175 @@ def _from_matrix(M, n_samples):
     empty = np.flatnonzero(np.diff(M.indptr) == 0)
     if empty.size:
         raise ValueError(f"Subsets {empty.tolist()[:10]} of the indicator are empty.")
-    M = sp.csr_matrix(M, dtype=np.float64)
-    M.sort_indices()
+    M.sum_duplicates()  # sorted, unique column indices per row
     return M
 
 
-def subset_indicator(subsets, n_samples):
+class SubsetRows:
+    """Validated subset rows: each query's member indices, in the order given.
+
+    Parameters
+    ----------
+    subsets : index array, list of index arrays, (N,) mask or (Q, N) 0/1 matrix
+    n_samples : int
+        ``N``; indices must lie in ``[0, N)``.
+    assume_unique : bool, default=False
+        Skip the duplicate check (as ``numpy.isin``'s ``assume_unique``):
+        a repeated index is then counted twice. Range is always checked.
+
+    Raises
+    ------
+    ValueError
+        For empty subsets, non-integer indices, a mask of the wrong length
+        or a matrix with ``N' != N`` here; out-of-range or (unless
+        ``assume_unique``) duplicate indices when the rows are read.
+    """
+
+    def __init__(self, subsets, n_samples, assume_unique=False):
+        self.n_samples = int(n_samples)
+        self.assume_unique = bool(assume_unique)
+        self._pieces, self._flat = None, None
+        if sp.issparse(subsets):
+            self._set_matrix(_from_matrix(subsets, n_samples))
+            return
+        if isinstance(subsets, (list, tuple)):
+            if len(subsets) == 0:
+                raise ValueError("subsets is an empty list; pass at least one subset.")
+            if all(isinstance(s, numbers.Integral) for s in subsets):
+                pieces = [_check_indices(subsets, 0)]
+            else:
+                pieces = [_check_indices(s, q) for q, s in enumerate(subsets)]
+        else:
+            arr = np.asarray(subsets)
+            if arr.dtype == bool and arr.ndim == 1:
+                if arr.shape[0] != n_samples:
+                    raise ValueError(
+                        f"A boolean subset mask must have length N={n_samples}; "
+                        f"got {arr.shape[0]}."
+                    )
+                pieces = [_check_indices(np.flatnonzero(arr), 0)]
+            elif arr.ndim == 2:
+                if arr.dtype != bool and not np.all(np.isin(arr, (0, 1))):
+                    raise ValueError(
+                        "A (Q, N) subset indicator must hold only 0 and 1 entries."
+                    )
+                self._set_matrix(_from_matrix(arr.astype(np.float64), n_samples))
+                return
+            else:
+                pieces = [_check_indices(arr, 0)]
+        self._pieces = pieces
+        self.lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
+        self.indptr = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=self.indptr[1:])
+
+    def _set_matrix(self, M):
+        # Rows of a validated CSR: in range, sorted and unique already.
+        self._flat = M.indices.astype(np.int64, copy=False)
+        self.indptr = M.indptr.astype(np.int64, copy=False)
+        self.lengths = np.diff(self.indptr)
+        self.assume_unique = True
+
+    @property
+    def n_rows(self):
+        return self.lengths.size
+
+    def chunks(self):
+        """Yield ``(q0, q1, indices, rows)`` for consecutive row blocks, validated.
+
+        ``rows`` is each index's row within the block (``0 ... q1 - q0 - 1``).
+
+        A block holds about ``2**20 / N`` rows (at least one), so the
+        duplicate check's stamp array (``rows x N`` int32, reused) stays in
+        cache and the check costs three gathers per index, not a sort.
+        """
+        n, Q = self.n_samples, self.n_rows
+        rows_per = max(1, _STAMP_SIZE // max(n, 1))
+        stamp = None
+        if not self.assume_unique:
+            stamp = np.full(min(rows_per, Q) * n, -1, dtype=np.int32)
+        for q0 in range(0, Q, rows_per):
+            q1 = min(Q, q0 + rows_per)
+            if self._flat is not None:
+                flat = self._flat[self.indptr[q0] : self.indptr[q1]]
+            elif q1 - q0 == 1:
+                flat = self._pieces[q0]
+            else:
+                flat = np.concatenate(self._pieces[q0:q1])
+            self._check_range(flat, q0, q1)
+            rows = np.repeat(np.arange(q1 - q0, dtype=np.int64), self.lengths[q0:q1])
+            if stamp is not None:
+                self._check_unique(flat, rows, q0, stamp)
+            yield q0, q1, flat, rows
+
+    def _row_of(self, position, q0):
+        return int(
+            np.searchsorted(self.indptr, self.indptr[q0] + position, "right") - 1
+        )
+
+    def _check_range(self, flat, q0, q1):
+        if flat.min() >= 0 and flat.max() < self.n_samples:
+            return
+        bad = np.flatnonzero((flat < 0) | (flat >= self.n_samples))[0]
+        q = self._row_of(bad, q0)
+        row = flat[
+            self.indptr[q] - self.indptr[q0] : self.indptr[q + 1] - self.indptr[q0]
+        ]
+        raise ValueError(
+            f"subsets[{q}] has indices out of range [0, {self.n_samples}): "
+            f"min {row.min()}, max {row.max()}."
+        )
+
+    def _check_unique(self, flat, rows, q0, stamp):
+        # Each entry writes its position at (row, index); a later duplicate
+        # overwrites it, so some entry no longer reads its own position back.
+        key = rows * self.n_samples
+        key += flat
+        if flat.size < np.iinfo(stamp.dtype).max:
+            pos = np.arange(flat.size, dtype=stamp.dtype)
+            stamp[key] = pos
+            clash = stamp[key] != pos
+            stamp[key] = -1
+        else:  # positions overflow the stamp: sort instead
+            order = np.argsort(key, kind="stable")
+            clash = np.zeros(flat.size, dtype=bool)
+            clash[order[1:][key[order[1:]] == key[order[:-1]]]] = True
+        if clash.any():
+            q = self._row_of(np.flatnonzero(clash)[0], q0)
+            raise ValueError(f"subsets[{q}] has duplicate indices.")
+
+    def cluster_counts(self, labels, n_clusters):
+        """Yield ``(q0, q1, counts)``: members per cluster, ``(q1 - q0, C)`` int64.
+
+        Integer counts make every answer built from them independent of
+        the order of the indices, bitwise.
+        """
+        for q0, q1, flat, rows in self.chunks():
+            key = rows * n_clusters
+            key += labels[flat]
+            counts = np.bincount(key, minlength=(q1 - q0) * n_clusters)
+            yield q0, q1, counts.reshape(q1 - q0, n_clusters)
+
+    def indicator(self):
+        """The ``(Q, N)`` CSR 0/1 indicator (float64), members sorted per row.
+
+        Sorted (canonical) members make answers independent of the index
+        order, bitwise (the summation order is fixed).
+        """
+        flat = np.concatenate([c for _, _, c, _ in self.chunks()]).astype(
+            np.int64, copy=False
+        )
+        ind = sp.csr_matrix((self.n_rows, self.n_samples))  # filled below
+        ind.data, ind.indices, ind.indptr = np.ones(flat.size), flat, self.indptr
+        if flat.size > 1:
+            inner = np.ones(flat.size - 1, dtype=bool)
+            inner[self.indptr[1:-1] - 1] = False  # pairs across a row boundary
+            if not np.all(flat[1:][inner] > flat[:-1][inner]):
+                ind.sort_indices()
+        ind.has_sorted_indices = True
+        return ind
+
+
+def subset_indicator(subsets, n_samples, assume_unique=False):
     """Turn ``subsets`` into a CSR ``(Q, N)`` 0/1 indicator (float64).
 
     Raises
@@ -93,37 +239,4 @@ def subset_indicator(subsets, n_samples):
         For empty subsets, out-of-range, negative, non-integer or duplicate
         indices, a mask of the wrong length, or a matrix with ``N' != N``.
     """
-    if sp.issparse(subsets):
-        return _from_matrix(subsets, n_samples)
-    if isinstance(subsets, (list, tuple)):
-        if len(subsets) == 0:
-            raise ValueError("subsets is an empty list; pass at least one subset.")
-        if all(isinstance(s, numbers.Integral) for s in subsets):
-            rows = [_check_indices(subsets, n_samples, 0)]
-        else:
-            rows = [_check_indices(s, n_samples, q) for q, s in enumerate(subsets)]
-    else:
-        arr = np.asarray(subsets)
-        if arr.dtype == bool and arr.ndim == 1:
-            if arr.shape[0] != n_samples:
-                raise ValueError(
-                    f"A boolean subset mask must have length N={n_samples}; got "
-                    f"{arr.shape[0]}."
-                )
-            rows = [_check_indices(np.flatnonzero(arr), n_samples, 0)]
-        elif arr.ndim == 2:
-            if arr.dtype != bool and not np.all(np.isin(arr, (0, 1))):
-                raise ValueError(
-                    "A (Q, N) subset indicator must hold only 0 and 1 entries."
-                )
-            return _from_matrix(arr.astype(np.float64), n_samples)
-        else:
-            rows = [_check_indices(arr, n_samples, 0)]
-    indptr = np.concatenate([[0], np.cumsum([r.size for r in rows])])
-    flat = np.concatenate(rows).astype(np.int64, copy=False)
-    ind = sp.csr_matrix((len(rows), n_samples))  # filled below, unchecked
-    ind.data, ind.indices, ind.indptr = np.ones(flat.size), flat, indptr
-    # Canonical (sorted) members: answers do not depend on the index order,
-    # bitwise (the summation order is fixed).
-    _canonical_rows(ind, n_samples)
-    return ind
+    return SubsetRows(subsets, n_samples, assume_unique).indicator()

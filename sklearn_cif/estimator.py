@@ -31,7 +31,7 @@ from sklearn_cif._fitting import (
     progress_bar,
     resolve_fit_args,
 )
-from sklearn_cif._subsets import subset_indicator
+from sklearn_cif._subsets import SubsetRows, subset_indicator
 from sklearn_cif.curvature import DampedGGNOperator, output_jvp
 from sklearn_cif.gradients import (
     batch_tensors,
@@ -109,8 +109,8 @@ class _BaseInfluence(BaseEstimator):
             )
         return fmodel
 
-    def _indicator(self, subsets):
-        return subset_indicator(subsets, self.n_samples_fit_)
+    def _indicator(self, subsets, assume_unique=False):
+        return subset_indicator(subsets, self.n_samples_fit_, assume_unique)
 
     def _check_eval_data(self, X, y):
         X = check_inputs(X)
@@ -546,28 +546,36 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         M.sort_indices()  # a fixed summation order in M @ responses
         return M
 
-    def membership(self, subsets):
+    def membership(self, subsets, *, assume_unique=False):
         """Counts ``m_c(S)`` of each subset's members per cluster.
 
         Parameters
         ----------
         subsets : index array, list of index arrays, (N,) mask or (Q, N) 0/1 matrix
+        assume_unique : bool, default=False
+            Skip the check for repeated indices within a subset (a repeated
+            index then counts twice). Indices are range-checked regardless.
 
         Returns
         -------
         counts : scipy.sparse.csr_matrix of shape (Q, C)
         """
         check_is_fitted(self)
-        return self._membership(self._indicator(subsets))
+        return self._membership(self._indicator(subsets, assume_unique))
 
-    def param_change(self, subsets):
-        r"""Predicted :math:`\theta_{-S} - \theta` for each subset, ``(Q, p)``."""
+    def param_change(self, subsets, *, assume_unique=False):
+        r"""Predicted :math:`\theta_{-S} - \theta` for each subset, ``(Q, p)``.
+
+        ``assume_unique`` as in :meth:`membership`.
+        """
         check_is_fitted(self)
-        M = self.membership(subsets)
+        M = self.membership(subsets, assume_unique=assume_unique)
         return np.asarray(M @ self.responses_.astype(np.float64)) / self.n_samples_fit_
 
-    def loss_change(self, subsets, X=None, y=None, *, target="auto"):
-        """Predicted change of a mean loss when each subset is removed, ``(Q,)``.
+    def loss_change(
+        self, subsets, X=None, y=None, *, target="auto", assume_unique=False
+    ):
+        r"""Predicted change of a mean loss when each subset is removed, ``(Q,)``.
 
         Parameters
         ----------
@@ -589,6 +597,18 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
             the curvature split at the probabilities makes the Newton step
             overshoot on misclassified examples; ask for ``"retrain"``
             explicitly only after checking it against real refits.)
+        assume_unique : bool, default=False
+            Skip the check for repeated indices within a subset (as in
+            :meth:`membership`); saves about half of an evaluation-set
+            query's time.
+
+        Notes
+        -----
+        With an evaluation set the answer is
+        :math:`\frac1N \sum_c m_c(S)\,\alpha_c` with
+        :math:`\alpha_c = \bar g_V^\top v_c` computed once per evaluation set
+        and cached: each query costs O(|S| + C), read in cache-sized blocks
+        of queries with no ``(Q, N)`` matrix built.
 
         Returns
         -------
@@ -596,8 +616,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
             Positive means removal raises the loss.
         """
         check_is_fitted(self)
-        ind = self._indicator(subsets)
+        rows = SubsetRows(subsets, self.n_samples_fit_, assume_unique)
         if X is None and y is None:
+            ind = rows.indicator()
             if self._resolve_target(target) == "if":  # O(|S| C): no outputs
                 M = np.asarray(self._membership(ind).todense())
                 return self._self_effect(ind, M)[0]
@@ -608,8 +629,11 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
                 "target='retrain' applies to self effects (X=None); evaluation-set "
                 "effects are first order, use target='auto' or 'if'."
             )
-        M = self._membership(ind)
-        return np.asarray(M @ self._eval_alpha(X, y)).ravel() / self.n_samples_fit_
+        alpha = self._eval_alpha(X, y)
+        out = np.empty(rows.n_rows)
+        for q0, q1, counts in rows.cluster_counts(self.labels_, self.n_clusters_):
+            out[q0:q1] = counts @ alpha
+        return out / self.n_samples_fit_
 
     def _eval_alpha(self, X, y):
         """``alpha_c = g_V^T v_c`` for an evaluation set, cached per (model, data).

@@ -321,3 +321,25 @@ def test_eval_set_alpha_is_cached(tiny_classification):
         est.loss_change(SUBSETS, X[:10], y[:10]),
         ref.fit(net, X, y).loss_change(SUBSETS, X[:10], y[:10]),
     )
+
+
+def test_eval_set_effect_is_param_change_times_eval_gradient(tiny_classification):
+    # Chunked cluster counts (loss_change) against the sparse membership path
+    # (param_change) and a mean evaluation gradient from plain autograd, for
+    # subsets in any order; shuffled indices give bitwise the same answer.
+    net, X, y = tiny_classification
+    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
+    est.fit(net, X, y)
+    Xv, yv = torch.as_tensor(X[:10]), torch.as_tensor(y[:10])
+    net.zero_grad()
+    CE(net(Xv), yv).mean().backward()
+    g_v = torch.cat([p.grad.reshape(-1) for p in net.parameters()]).double()
+    expected = est.param_change(SUBSETS) @ g_v.numpy()
+    got = est.loss_change(SUBSETS, X[:10], y[:10])
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    shuffled = [np.random.default_rng(0).permutation(s) for s in SUBSETS]
+    np.testing.assert_array_equal(est.loss_change(shuffled, X[:10], y[:10]), got)
+    fast = est.loss_change(SUBSETS, X[:10], y[:10], assume_unique=True)
+    np.testing.assert_array_equal(fast, got)
+    with pytest.raises(ValueError, match=r"subsets\[1\] has duplicate"):
+        est.loss_change([[0], [3, 3]], X[:10], y[:10])

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sklearn_cif._subsets import subset_indicator
+import sklearn_cif._subsets as subsets_module
+from sklearn_cif._subsets import SubsetRows, subset_indicator
 
 
 def test_all_formats_give_the_same_indicator():
@@ -38,3 +39,58 @@ def test_bad_subsets_raise(subsets, match):
     # Each malformed query is rejected with a message saying what is wrong.
     with pytest.raises(ValueError, match=match):
         subset_indicator(subsets, 10)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # A stamp of 64 entries: 6 rows per chunk at N = 10, one row at N >= 64,
+    # so every check below crosses chunk boundaries.
+    monkeypatch.setattr(subsets_module, "_STAMP_SIZE", 64)
+
+
+@pytest.mark.parametrize("n", [10, 100])
+def test_cluster_counts_equal_indicator_times_onehot(small_chunks, n):
+    # The chunked per-cluster counts equal the sparse product they replace,
+    # for rows of any order and length, whatever the chunking.
+    rng = np.random.default_rng(n)
+    labels = rng.integers(0, 4, n)
+    rows = [rng.choice(n, rng.integers(1, n + 1), replace=False) for _ in range(37)]
+    onehot = np.eye(4, dtype=int)[labels]
+    expected = subset_indicator(rows, n).toarray() @ onehot
+    parsed = SubsetRows(rows, n)
+    got = np.zeros_like(expected)
+    seen = []
+    for q0, q1, counts in parsed.cluster_counts(labels, 4):
+        got[q0:q1] = counts
+        seen.append((q0, q1))
+    assert np.array_equal(got, expected)
+    assert len(seen) > 1 and seen[0][0] == 0 and seen[-1][1] == 37
+
+
+@pytest.mark.parametrize("n", [10, 100])
+def test_duplicates_and_range_found_in_any_chunk(small_chunks, n):
+    # A repeated or out-of-range index in a late chunk names its own row.
+    rng = np.random.default_rng(0)
+    rows = [rng.choice(n, 3, replace=False) for _ in range(20)]
+    dup = list(rows)
+    dup[17] = np.array([1, 5, 1])
+    with pytest.raises(ValueError, match=r"subsets\[17\] has duplicate"):
+        list(SubsetRows(dup, n).chunks())
+    far = list(rows)
+    far[13] = np.array([2, n])
+    with pytest.raises(ValueError, match=r"subsets\[13\] has indices out of range"):
+        list(SubsetRows(far, n, assume_unique=True).chunks())
+
+
+def test_assume_unique_skips_only_the_duplicate_check():
+    # With assume_unique a repeated index counts twice (documented); the
+    # default refuses it; ranges are checked either way.
+    labels = np.array([0, 1, 1, 0])
+    counts = next(
+        SubsetRows([[1, 1, 2]], 4, assume_unique=True).cluster_counts(labels, 2)
+    )
+    assert counts[2].tolist() == [[0, 3]]
+    with pytest.raises(ValueError, match="duplicate"):
+        list(SubsetRows([[1, 1, 2]], 4).cluster_counts(labels, 2))
+    with pytest.raises(ValueError, match="out of range"):
+        list(SubsetRows([[1, -1]], 4, assume_unique=True).chunks())
