@@ -123,7 +123,7 @@ def influence_pass(fmodel, X, y, V, means, labels, batch_size, bar, precond=None
     return A, g_mu, d_raw
 
 
-def spectral_preconditioner(op, rank, seed):
+def spectral_preconditioner(op, rank, seed, progress=None):
     """``P ~ (G + lambda I)^{-1}``: top-``rank`` eigenpairs plus a scaled complement."""
     p = op.fmodel.n_params
     like = torch.empty(0, dtype=op.fmodel.dtype, device=op.fmodel.device)
@@ -133,14 +133,18 @@ def spectral_preconditioner(op, rank, seed):
     # target="retrain" came out 1.10-1.31x the dense Newton step (logistic
     # regression on 400 digits, rank 128, two power iterations). Block
     # Krylov (8 blocks of rank/4) is accurate to ~5e-4 at the 128th value.
-    evals, evecs = randomized_eigh(op.matmat, p, min(rank, p), generator=gen, like=like)
+    evals, evecs = randomized_eigh(
+        op.matmat, p, min(rank, p), generator=gen, like=like, progress=progress
+    )
     k = min(rank, p)
     # The first Ritz value beyond the kept ones bounds the rest of the spectrum.
     tail = evals[k] if evals.numel() > k else evals[-1]
     return SpectralPreconditioner(evals[:k], evecs[:k], max(float(tail), op.damping))
 
 
-def calibrate(fmodel, X, y, labels, means, op, precond, d_raw, est, seed):
+def calibrate(
+    fmodel, X, y, labels, means, op, precond, d_raw, est, seed, progress=None
+):
     """Scale ``s`` with ``r_i^T H^{-1} r_i ~ s * r_i^T P r_i``, from exact solves.
 
     ``n_calibration`` random examples with a non-zero residual are solved
@@ -165,7 +169,9 @@ def calibrate(fmodel, X, y, labels, means, op, precond, d_raw, est, seed):
     # squared energy-norm error, so a loose tolerance suffices for the scale:
     # digits MLP, 1e-3 vs 1e-5 gave 1.739431 vs 1.739435 in half the time.
     tol = max(float(est.cg_tol), 1e-3)
-    sol = block_cg(op.matmat, R, tol, est.cg_maxiter, precond=precond)
+    sol = block_cg(
+        op.matmat, R, tol, est.cg_maxiter, precond=precond, progress=progress
+    )
     exact = (R * sol.x).sum(1).sum().item()
     return exact / float(d_raw[idx].sum())
 

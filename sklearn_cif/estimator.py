@@ -404,9 +404,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         diagonal = correction == "full"  # at C = N the residuals are zero
         precond = None
         if diagonal:
-            with timer("spectrum"):
+            with timer("spectrum"), progress_bar(self.verbose, 9, "spectrum") as bar:
                 precond = _cache.spectral_preconditioner(
-                    op, self.correction_rank, seeds[2]
+                    op, self.correction_rank, seeds[2], bar
                 )
         with timer("solve"), progress_bar(self.verbose, None, "CG") as bar:
             sol = block_cg(
@@ -423,9 +423,12 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
             )
         scale = 0.0
         if diagonal:
-            with timer("calibration"):
+            with (
+                timer("calibration"),
+                progress_bar(self.verbose, None, "calibration") as bar,
+            ):
                 scale = _cache.calibrate(
-                    fmodel, X, y, labels, means, op, precond, d_raw, self, seeds[3]
+                    fmodel, X, y, labels, means, op, precond, d_raw, self, seeds[3], bar
                 )
         with timer("outputs"), progress_bar(self.verbose, n, "outputs") as bar:
             outputs, out_resp = _cache.output_pass(fmodel, X, y, sol.x, bs, bar)

@@ -338,7 +338,15 @@ class SpectralPreconditioner:
 
 
 def randomized_eigh(
-    matmat, n, rank, *, block_size=None, n_iter=8, generator=None, like=None
+    matmat,
+    n,
+    rank,
+    *,
+    block_size=None,
+    n_iter=8,
+    generator=None,
+    like=None,
+    progress=None,
 ):
     """Top eigenpairs of a symmetric PSD operator by randomized block Krylov.
 
@@ -373,6 +381,8 @@ def randomized_eigh(
         Seeds the starting block.
     like : torch.Tensor
         Supplies dtype and device.
+    progress : tqdm bar or None
+        Advanced by one per block product.
 
     Returns
     -------
@@ -397,6 +407,8 @@ def randomized_eigh(
     products = []  # products[i][j] = Q_j (A Q_i)^T for j <= i
     for i in range(n_iter + 1):
         AQ = matmat(blocks[i])
+        if progress is not None:
+            progress.update(1)
         products.append([(Qj.double() @ AQ.double().T) for Qj in blocks])
         if i == n_iter or sum(len(Q) for Q in blocks) >= n:
             break

@@ -62,7 +62,8 @@ def test_verbose_shows_a_bar_per_phase(tiny_classification, capfd):
     net, X, y = tiny_classification
     ClusteredInfluenceEstimator(4, loss="cross_entropy", verbose=1).fit(net, X, y)
     err = capfd.readouterr().err
-    for phase in ("sketch", "means", "CG", "influence", "outputs", "newton"):
+    phases = ("sketch", "means", "spectrum", "CG", "influence", "calibration")
+    for phase in (*phases, "outputs", "newton"):
         assert phase in err, phase
     ClusteredInfluenceEstimator(4, loss="cross_entropy", verbose=0).fit(net, X, y)
     assert capfd.readouterr().err == ""
