@@ -279,9 +279,11 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
     within_scatter_ : float
         :math:`\mathrm{tr}(\bar\Sigma) = \frac1N \sum_i \|g_i - \mu_{c(i)}\|^2`.
     cg_residuals_ : ndarray of shape (C,)
-        Final relative residual :math:`\rho_c` of each solve.
+        Final relative residual :math:`\rho_c` of each solve (recomputed as
+        ``||mu_c - H v_c|| / ||mu_c||``, not the recursion's estimate).
     n_iter_ : ndarray of shape (C,)
-        CG iterations per cluster.
+        Block CG iterations each cluster's column stayed active (a column
+        is frozen once it meets ``cg_tol``).
     n_clusters_, n_samples_fit_, n_params_ : int
     curvature_indices_ : ndarray of shape (curvature_samples,) or None
         The examples the curvature averages over (``None``: all).
