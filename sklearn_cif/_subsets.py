@@ -25,6 +25,8 @@ __all__ = ["SubsetRows", "subset_indicator"]
 
 # Entries of the duplicate-check stamp array: small enough to stay in cache.
 _STAMP_SIZE = 1 << 20
+# Indices per block when N is too large for a stamp of 16 rows.
+_BLOCK_ENTRIES = 1 << 20
 
 
 def _check_indices(idx, q):
@@ -134,31 +136,39 @@ class SubsetRows:
     def n_rows(self):
         return self.lengths.size
 
-    def chunks(self):
+    def chunks(self, max_rows=None):
         """Yield ``(q0, q1, indices, rows)`` for consecutive row blocks, validated.
 
         ``rows`` is each index's row within the block (``0 ... q1 - q0 - 1``).
-
-        A block holds about ``2**20 / N`` rows (at least one), so the
-        duplicate check's stamp array (``rows x N`` int32, reused) stays in
-        cache and the check costs three gathers per index, not a sort.
+        Up to ``N`` around 65,000 a block holds ``2**20 / N`` rows and the
+        duplicate check writes each index's position into a reused
+        ``rows x N`` stamp array that stays in cache (three gathers per
+        index, no sort); for larger ``N`` blocks hold about ``2**20``
+        indices and the check sorts them. ``max_rows`` caps the rows of a
+        block.
         """
         n, Q = self.n_samples, self.n_rows
-        rows_per = max(1, _STAMP_SIZE // max(n, 1))
+        stamp_rows = _STAMP_SIZE // max(n, 1)
         stamp = None
-        if not self.assume_unique:
-            stamp = np.full(min(rows_per, Q) * n, -1, dtype=np.int32)
-        for q0 in range(0, Q, rows_per):
-            q1 = min(Q, q0 + rows_per)
+        if not self.assume_unique and stamp_rows >= 16:
+            stamp = np.full(min(stamp_rows, Q) * n, -1, dtype=np.int32)
+            bounds = np.arange(0, Q, stamp_rows)
+        else:
+            marks = np.arange(0, self.indptr[-1], _BLOCK_ENTRIES)
+            bounds = np.unique(np.searchsorted(self.indptr, marks, "right") - 1)
+        if max_rows is not None:
+            bounds = np.union1d(bounds, np.arange(0, Q, max(1, int(max_rows))))
+        bounds = np.append(bounds, Q).tolist()
+        for q0, q1 in zip(bounds[:-1], bounds[1:], strict=True):
             if self._flat is not None:
                 flat = self._flat[self.indptr[q0] : self.indptr[q1]]
             elif q1 - q0 == 1:
                 flat = self._pieces[q0]
             else:
                 flat = np.concatenate(self._pieces[q0:q1])
-            self._check_range(flat, q0, q1)
+            self._check_range(flat, q0)
             rows = np.repeat(np.arange(q1 - q0, dtype=np.int64), self.lengths[q0:q1])
-            if stamp is not None:
+            if not self.assume_unique:
                 self._check_unique(flat, rows, q0, stamp)
             yield q0, q1, flat, rows
 
@@ -167,7 +177,7 @@ class SubsetRows:
             np.searchsorted(self.indptr, self.indptr[q0] + position, "right") - 1
         )
 
-    def _check_range(self, flat, q0, q1):
+    def _check_range(self, flat, q0):
         if flat.min() >= 0 and flat.max() < self.n_samples:
             return
         bad = np.flatnonzero((flat < 0) | (flat >= self.n_samples))[0]
@@ -181,30 +191,32 @@ class SubsetRows:
         )
 
     def _check_unique(self, flat, rows, q0, stamp):
-        # Each entry writes its position at (row, index); a later duplicate
-        # overwrites it, so some entry no longer reads its own position back.
         key = rows * self.n_samples
         key += flat
-        if flat.size < np.iinfo(stamp.dtype).max:
+        if stamp is not None and flat.size < np.iinfo(stamp.dtype).max:
+            # Each entry writes its position at (row, index); a later
+            # duplicate overwrites it, so some entry reads another position.
             pos = np.arange(flat.size, dtype=stamp.dtype)
             stamp[key] = pos
             clash = stamp[key] != pos
             stamp[key] = -1
-        else:  # positions overflow the stamp: sort instead
-            order = np.argsort(key, kind="stable")
-            clash = np.zeros(flat.size, dtype=bool)
-            clash[order[1:][key[order[1:]] == key[order[:-1]]]] = True
-        if clash.any():
-            q = self._row_of(np.flatnonzero(clash)[0], q0)
+            first = np.flatnonzero(clash)[:1]
+        else:
+            key = np.sort(key)
+            first = key[np.flatnonzero(key[1:] == key[:-1])[:1]] // self.n_samples
+            first = self.indptr[q0 + first] - self.indptr[q0]  # that row's start
+        if first.size:
+            q = self._row_of(int(first[0]), q0)
             raise ValueError(f"subsets[{q}] has duplicate indices.")
 
     def cluster_counts(self, labels, n_clusters):
         """Yield ``(q0, q1, counts)``: members per cluster, ``(q1 - q0, C)`` int64.
 
         Integer counts make every answer built from them independent of
-        the order of the indices, bitwise.
+        the order of the indices, bitwise. A block holds at most ``2**22``
+        counts.
         """
-        for q0, q1, flat, rows in self.chunks():
+        for q0, q1, flat, rows in self.chunks(max_rows=(1 << 22) // n_clusters):
             key = rows * n_clusters
             key += labels[flat]
             counts = np.bincount(key, minlength=(q1 - q0) * n_clusters)

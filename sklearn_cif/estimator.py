@@ -43,6 +43,10 @@ from sklearn_cif.solvers import batched_cg, block_cg
 
 __all__ = ["ClusteredInfluenceEstimator", "PerQueryInfluence"]
 
+# Above this many clusters, evaluation-set queries go through the sparse
+# membership matrix instead of dense per-block cluster counts.
+_DENSE_COUNTS_MAX = 4096
+
 
 class _BaseInfluence(BaseEstimator):
     """Model handling shared by the influence estimators.
@@ -635,6 +639,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
                 "effects are first order, use target='auto' or 'if'."
             )
         alpha = self._eval_alpha(X, y)
+        if self.n_clusters_ > _DENSE_COUNTS_MAX:  # count blocks: mostly zeros
+            M = self._membership(rows.indicator())
+            return np.asarray(M @ alpha).ravel() / self.n_samples_fit_
         out = np.empty(rows.n_rows)
         for q0, q1, counts in rows.cluster_counts(self.labels_, self.n_clusters_):
             out[q0:q1] = counts @ alpha

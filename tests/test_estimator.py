@@ -323,10 +323,17 @@ def test_eval_set_alpha_is_cached(tiny_classification):
     )
 
 
-def test_eval_set_effect_is_param_change_times_eval_gradient(tiny_classification):
+@pytest.mark.parametrize("dense_counts", [True, False])
+def test_eval_set_effect_is_param_change_times_eval_gradient(
+    tiny_classification, dense_counts, monkeypatch
+):
     # Chunked cluster counts (loss_change) against the sparse membership path
     # (param_change) and a mean evaluation gradient from plain autograd, for
     # subsets in any order; shuffled indices give bitwise the same answer.
+    import sklearn_cif.estimator as estimator_module
+
+    if not dense_counts:  # the sparse membership path of very large C
+        monkeypatch.setattr(estimator_module, "_DENSE_COUNTS_MAX", 0)
     net, X, y = tiny_classification
     est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
     est.fit(net, X, y)

@@ -41,14 +41,19 @@ def test_bad_subsets_raise(subsets, match):
         subset_indicator(subsets, 10)
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    # A stamp of 64 entries: 6 rows per chunk at N = 10, one row at N >= 64,
-    # so every check below crosses chunk boundaries.
-    monkeypatch.setattr(subsets_module, "_STAMP_SIZE", 64)
+@pytest.fixture(params=["stamp", "sort"])
+def small_chunks(request, monkeypatch):
+    # Tiny blocks, so every check below crosses block boundaries: a stamp of
+    # 320 entries (32 rows per block at N = 10, 16 at N = 20), or blocks of
+    # about 50 indices checked by sorting (the large-N path).
+    if request.param == "stamp":
+        monkeypatch.setattr(subsets_module, "_STAMP_SIZE", 320)
+    else:
+        monkeypatch.setattr(subsets_module, "_STAMP_SIZE", 64)
+        monkeypatch.setattr(subsets_module, "_BLOCK_ENTRIES", 50)
 
 
-@pytest.mark.parametrize("n", [10, 100])
+@pytest.mark.parametrize("n", [10, 20])
 def test_cluster_counts_equal_indicator_times_onehot(small_chunks, n):
     # The chunked per-cluster counts equal the sparse product they replace,
     # for rows of any order and length, whatever the chunking.
@@ -67,18 +72,20 @@ def test_cluster_counts_equal_indicator_times_onehot(small_chunks, n):
     assert len(seen) > 1 and seen[0][0] == 0 and seen[-1][1] == 37
 
 
-@pytest.mark.parametrize("n", [10, 100])
+@pytest.mark.parametrize("n", [10, 20])
 def test_duplicates_and_range_found_in_any_chunk(small_chunks, n):
-    # A repeated or out-of-range index in a late chunk names its own row.
+    # A repeated or out-of-range index in a late block names its own row;
+    # valid rows pass.
     rng = np.random.default_rng(0)
-    rows = [rng.choice(n, 3, replace=False) for _ in range(20)]
+    rows = [rng.choice(n, 3, replace=False) for _ in range(40)]
+    assert sum(1 for _ in SubsetRows(rows, n).chunks()) > 1
     dup = list(rows)
-    dup[17] = np.array([1, 5, 1])
-    with pytest.raises(ValueError, match=r"subsets\[17\] has duplicate"):
+    dup[37] = np.array([1, 5, 1])
+    with pytest.raises(ValueError, match=r"subsets\[37\] has duplicate"):
         list(SubsetRows(dup, n).chunks())
     far = list(rows)
-    far[13] = np.array([2, n])
-    with pytest.raises(ValueError, match=r"subsets\[13\] has indices out of range"):
+    far[33] = np.array([2, n])
+    with pytest.raises(ValueError, match=r"subsets\[33\] has indices out of range"):
         list(SubsetRows(far, n, assume_unique=True).chunks())
 
 
