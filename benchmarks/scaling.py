@@ -13,7 +13,8 @@ N (k + C + C d + d r + d^2) + C p numbers; nothing is N x p.
 
 *Large p* (``--big-p``): a 1000-3200-3200-10 MLP (p = 13.5M) on N = 256,
 k = 1,024, batch 8: the CountSketch pass alone; ``--big-p-build`` adds the
-whole build (C = 10, rank 16; slow on a CPU: ~30+ min on one core). A dense Gaussian sketch would hold p x k = 13.8G numbers.
+whole build (C = 10, rank 16; slow on a CPU; ``--sizes --big-p-build
+--out scaling_big_p.json`` runs it alone). A dense Gaussian sketch would hold p x k = 13.8G numbers.
 
 Writes benchmarks/results/scaling.json and prints a Markdown table.
 """
@@ -127,6 +128,8 @@ def big_p(full_build):
         "phases_s": est.timings_,
         "build_peak_rss_over_base_mb": _rss_mb() - base,
         "responses_mb": est.responses_.nbytes / 2**20,
+        "data_passes": est.n_data_passes_,
+        "ggn_products": est.n_ggn_products_,
     }
 
 
@@ -146,6 +149,7 @@ def main():
     ap.add_argument("--big-p", action="store_true")
     ap.add_argument("--big-p-build", action="store_true")
     ap.add_argument("--child")
+    ap.add_argument("--out", default="scaling.json", help="file in results/")
     args = ap.parse_args()
     if args.child:
         if args.child.startswith("big"):
@@ -162,9 +166,7 @@ def main():
     big = None
     if args.big_p or args.big_p_build:
         big = run_child("big-build" if args.big_p_build else "big")
-    (RESULTS / "scaling.json").write_text(
-        json.dumps({"N": rows, "big_p": big}, indent=2)
-    )
+    (RESULTS / args.out).write_text(json.dumps({"N": rows, "big_p": big}, indent=2))
     print("\n| N | p | build s | peak RSS MB | data passes | GGN products | CG iters |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -181,9 +183,11 @@ def main():
             f"dense Gaussian sketch would be {big['dense_gaussian_sketch_mb']:.0f} MB)"
         )
         if "build_s" in big:
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in big["phases_s"].items())
             print(
                 f"full build {big['build_s']:.1f} s, "
-                f"+{big['build_peak_rss_over_base_mb']:.0f} MB"
+                f"+{big['build_peak_rss_over_base_mb']:.0f} MB ({phases}; data "
+                f"passes {big['data_passes']}, GGN products {big['ggn_products']})"
             )
 
 
