@@ -151,7 +151,11 @@ class SubsetRows:
         stamp_rows = _STAMP_SIZE // max(n, 1)
         stamp = None
         if not self.assume_unique and stamp_rows >= 16:
-            stamp = np.full(min(stamp_rows, Q) * n, -1, dtype=np.int32)
+            # Positions are global, so a block's stamps never match a later
+            # block's and the stamp needs no reset between blocks.
+            small = self.indptr[-1] < np.iinfo(np.int32).max
+            dtype = np.int32 if small else np.int64
+            stamp = np.full(min(stamp_rows, Q) * n, -1, dtype=dtype)
             bounds = np.arange(0, Q, stamp_rows)
         else:
             marks = np.arange(0, self.indptr[-1], _BLOCK_ENTRIES)
@@ -193,14 +197,13 @@ class SubsetRows:
     def _check_unique(self, flat, rows, q0, stamp):
         key = rows * self.n_samples
         key += flat
-        if stamp is not None and flat.size < np.iinfo(stamp.dtype).max:
+        if stamp is not None:
             # Each entry writes its position at (row, index); a later
             # duplicate overwrites it, so some entry reads another position.
-            pos = np.arange(flat.size, dtype=stamp.dtype)
+            start = self.indptr[q0]
+            pos = np.arange(start, start + flat.size, dtype=stamp.dtype)
             stamp[key] = pos
-            clash = stamp[key] != pos
-            stamp[key] = -1
-            first = np.flatnonzero(clash)[:1]
+            first = np.flatnonzero(stamp[key] != pos)[:1]
         else:
             key = np.sort(key)
             first = key[np.flatnonzero(key[1:] == key[:-1])[:1]] // self.n_samples

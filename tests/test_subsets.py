@@ -79,6 +79,8 @@ def test_duplicates_and_range_found_in_any_chunk(small_chunks, n):
     rng = np.random.default_rng(0)
     rows = [rng.choice(n, 3, replace=False) for _ in range(40)]
     assert sum(1 for _ in SubsetRows(rows, n).chunks()) > 1
+    same = [np.array([1, 5, 7])] * 40  # one stamp slot rewritten in every block
+    assert sum(1 for _ in SubsetRows(same, n).chunks()) > 1
     dup = list(rows)
     dup[37] = np.array([1, 5, 1])
     with pytest.raises(ValueError, match=r"subsets\[37\] has duplicate"):
