@@ -91,7 +91,7 @@ class SubsetRows:
     def __init__(self, subsets, n_samples, assume_unique=False):
         self.n_samples = int(n_samples)
         self.assume_unique = bool(assume_unique)
-        self._pieces, self._flat = None, None
+        self._pieces, self._flat, self._matrix = None, None, None
         if sp.issparse(subsets):
             self._set_matrix(_from_matrix(subsets, n_samples))
             return
@@ -127,6 +127,7 @@ class SubsetRows:
 
     def _set_matrix(self, M):
         # Rows of a validated CSR: in range, sorted and unique already.
+        self._matrix = M
         self._flat = M.indices.astype(np.int64, copy=False)
         self.indptr = M.indptr.astype(np.int64, copy=False)
         self.lengths = np.diff(self.indptr)
@@ -142,8 +143,8 @@ class SubsetRows:
         ``rows`` is each index's row within the block (``0 ... q1 - q0 - 1``).
         Up to ``N`` around 65,000 a block holds ``2**20 / N`` rows and the
         duplicate check writes each index's position into a reused
-        ``rows x N`` stamp array that stays in cache (three gathers per
-        index, no sort); for larger ``N`` blocks hold about ``2**20``
+        ``rows x N`` stamp array that stays in cache (one scatter and one
+        gather per index, no sort); for larger ``N`` blocks hold about ``2**20``
         indices and the check sorts them. ``max_rows`` caps the rows of a
         block.
         """
@@ -203,14 +204,13 @@ class SubsetRows:
             start = self.indptr[q0]
             pos = np.arange(start, start + flat.size, dtype=stamp.dtype)
             stamp[key] = pos
-            first = np.flatnonzero(stamp[key] != pos)[:1]
+            clash = np.flatnonzero(stamp[key] != pos)[:1]
+            local = rows[clash]
         else:
             key = np.sort(key)
-            first = key[np.flatnonzero(key[1:] == key[:-1])[:1]] // self.n_samples
-            first = self.indptr[q0 + first] - self.indptr[q0]  # that row's start
-        if first.size:
-            q = self._row_of(int(first[0]), q0)
-            raise ValueError(f"subsets[{q}] has duplicate indices.")
+            local = key[np.flatnonzero(key[1:] == key[:-1])[:1]] // self.n_samples
+        if local.size:
+            raise ValueError(f"subsets[{q0 + int(local[0])}] has duplicate indices.")
 
     def cluster_counts(self, labels, n_clusters):
         """Yield ``(q0, q1, counts)``: members per cluster, ``(q1 - q0, C)`` int64.
@@ -231,6 +231,8 @@ class SubsetRows:
         Sorted (canonical) members make answers independent of the index
         order, bitwise (the summation order is fixed).
         """
+        if self._matrix is not None:
+            return self._matrix.astype(np.float64)
         flat = np.concatenate([c for _, _, c, _ in self.chunks()]).astype(
             np.int64, copy=False
         )

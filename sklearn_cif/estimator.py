@@ -410,7 +410,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, _BaseInfluence):
         diagonal = correction == "full"  # at C = N the residuals are zero
         precond = None
         if diagonal:
-            with timer("spectrum"), progress_bar(self.verbose, 9, "spectrum") as bar:
+            with timer("spectrum"), progress_bar(self.verbose, None, "spectrum") as bar:
                 precond = _cache.spectral_preconditioner(
                     op, self.correction_rank, seeds[2], bar
                 )

@@ -83,26 +83,19 @@ def batched_cg(
     growing above 1e6 times its best value. Reaching ``maxiter`` first gives a
     :class:`~sklearn.exceptions.ConvergenceWarning`.
     """
-    r_cols, p = B.shape
     maxiter = 1000 if maxiter is None else int(maxiter)
     apply_m = precond if precond is not None else torch.clone
-    bnorm = torch.linalg.vector_norm(B, dim=1)
-    safe_bnorm = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    cols = _Columns(B, tol, verbose_name)
     X = torch.zeros_like(B)
     R = B.clone()
     P = apply_m(R)
     rz = (R * P).sum(1)
-    n_iter = np.zeros(r_cols, dtype=np.int64)
-    rel = (bnorm / safe_bnorm).cpu().numpy()
-    best = rel.copy()
-    active = np.flatnonzero(rel > tol)
-    n_products = 0
     for _ in range(maxiter):
-        if active.size == 0:
+        if cols.active.size == 0:
             break
-        a = torch.as_tensor(active, device=B.device)
+        a = torch.as_tensor(cols.active, device=B.device)
         AP = matmat(P[a])
-        n_products += active.size
+        cols.n_products += cols.active.size
         pAp = (P[a] * AP).sum(1)
         alpha = rz[a] / pAp
         X[a] += alpha[:, None] * P[a]
@@ -111,18 +104,9 @@ def batched_cg(
         rz_new = (R[a] * Z).sum(1)
         P[a] = Z + (rz_new / rz[a])[:, None] * P[a]
         rz[a] = rz_new
-        n_iter[active] += 1
-        rel_a = (torch.linalg.vector_norm(R[a], dim=1) / safe_bnorm[a]).cpu().numpy()
-        _check_breakdown(rel_a, pAp.cpu().numpy(), best[active], active, verbose_name)
-        rel[active] = rel_a
-        best[active] = np.minimum(best[active], rel_a)
-        active = active[rel_a > tol]
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(active=active.size, worst=f"{rel.max():.1e}")
-    _, residuals = _true_residuals(matmat, B, X, bnorm)
-    _warn_maxiter(active.size, r_cols, maxiter, tol, residuals, verbose_name)
-    return CGResult(X, residuals, n_iter, n_products + r_cols)
+        cols.record(R[a], pAp.cpu().numpy(), progress)
+    cols.true_residuals(matmat, X)
+    return cols.result(X, maxiter)
 
 
 def block_cg(
@@ -183,57 +167,108 @@ def block_cg(
     a residual growing above 1e6 times its best. Reaching ``maxiter`` gives
     a :class:`~sklearn.exceptions.ConvergenceWarning`.
     """
-    r_cols, _ = B.shape
     maxiter = 1000 if maxiter is None else int(maxiter)
     apply_m = precond if precond is not None else torch.clone
-    bnorm = torch.linalg.vector_norm(B, dim=1)
-    safe_bnorm = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    cols = _Columns(B, tol, verbose_name)
     X = torch.zeros_like(B)
     R = B.clone()
-    n_iter = np.zeros(r_cols, dtype=np.int64)
-    rel = (bnorm / safe_bnorm).cpu().numpy()
-    best = rel.copy()
-    active = np.flatnonzero(rel > tol)
-    n_products, it = 0, 0
+    it = 0
     for restart in range(max_restarts + 1):
+        active = cols.active
         P = _orth_rows(apply_m(R[active])) if active.size else None
         while active.size and it < maxiter:
             a = torch.as_tensor(active, device=B.device)
             Q = matmat(P)
-            n_products += P.shape[0]
+            cols.n_products += P.shape[0]
             chol = _gram_cholesky(P, Q, verbose_name)
             alpha = _chol_solve(chol, P @ R[a].T)  # (s, |a|)
             X[a] += alpha.T @ P
             R[a] -= alpha.T @ Q
-            n_iter[active] += 1
             it += 1
-            rel_a = (torch.linalg.vector_norm(R[a], dim=1) / safe_bnorm[a]).cpu()
-            rel_a = rel_a.numpy()
-            _check_breakdown(rel_a, np.ones(1), best[active], active, verbose_name)
-            rel[active] = rel_a
-            best[active] = np.minimum(best[active], rel_a)
-            keep = rel_a > tol
-            active = active[keep]
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(
-                    active=active.size, block=P.shape[0], worst=f"{rel.max():.1e}"
-                )
+            active = cols.record(R[a], None, progress, block=P.shape[0])
             if not active.size:
                 break
             Z = apply_m(R[active])
             beta = _chol_solve(chol, Q @ Z.T)  # (s, |active|)
             P = _orth_rows(Z - beta.T @ P)
-        R, residuals = _true_residuals(matmat, B, X, bnorm)
-        n_products += r_cols
+        R = cols.true_residuals(matmat, X)
         if active.size or restart == max_restarts or it >= maxiter:
             break
         # The recursion claimed convergence: restart from the true residuals.
-        active = np.flatnonzero(residuals > tol)
-        if not active.size:
+        if not cols.reactivate():
             break
-    _warn_maxiter(active.size, r_cols, maxiter, tol, residuals, verbose_name)
-    return CGResult(X, residuals, n_iter, n_products)
+    return cols.result(X, maxiter)
+
+
+class _Columns:
+    """Per-column bookkeeping shared by the solvers.
+
+    Relative residuals, their best values, iterations, the active (not yet
+    converged) columns, operator products, breakdown checks, progress and
+    the final true residuals.
+    """
+
+    def __init__(self, B, tol, name):
+        self.B, self.tol, self.name = B, tol, name
+        self.bnorm = torch.linalg.vector_norm(B, dim=1)
+        self.safe_bnorm = torch.where(
+            self.bnorm > 0, self.bnorm, torch.ones_like(self.bnorm)
+        )
+        self.rel = (self.bnorm / self.safe_bnorm).cpu().numpy()
+        self.best = self.rel.copy()
+        self.n_iter = np.zeros(B.shape[0], dtype=np.int64)
+        self.active = np.flatnonzero(self.rel > tol)
+        self.n_products = 0
+        self.residuals = None
+
+    def record(self, R_active, pAp, progress, **postfix):
+        """Record an iteration's residuals of the active columns; the new active set.
+
+        ``pAp`` (curvatures, or ``None`` where the solver checks them
+        itself) must be positive; residuals must stay finite and below 1e6
+        times their best.
+        """
+        active = self.active
+        norms = torch.linalg.vector_norm(R_active, dim=1) / self.safe_bnorm[active]
+        rel_a = norms.cpu().numpy()
+        self.n_iter[active] += 1
+        curv = np.ones(1) if pAp is None else pAp
+        _check_breakdown(rel_a, curv, self.best[active], active, self.name)
+        self.rel[active] = rel_a
+        self.best[active] = np.minimum(self.best[active], rel_a)
+        self.active = active[rel_a > self.tol]
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(
+                active=self.active.size, **postfix, worst=f"{self.rel.max():.1e}"
+            )
+        return self.active
+
+    def true_residuals(self, matmat, X):
+        """``B - A X``; its relative row norms (the recursed ones drift) are kept."""
+        R = self.B - matmat(X)
+        self.n_products += X.shape[0]
+        rel = torch.linalg.vector_norm(R, dim=1) / self.safe_bnorm
+        self.residuals = rel.cpu().numpy().astype(np.float64)
+        self.residuals[self.bnorm.cpu().numpy() == 0] = 0.0
+        return R
+
+    def reactivate(self):
+        """Make the columns whose true residual misses ``tol`` active again."""
+        self.active = np.flatnonzero(self.residuals > self.tol)
+        return self.active.size > 0
+
+    def result(self, X, maxiter):
+        if self.active.size:
+            warnings.warn(
+                f"{self.name} stopped at maxiter={maxiter} with {self.active.size} "
+                f"of {X.shape[0]} systems above cg_tol={self.tol:g} (worst relative "
+                f"residual {self.residuals.max():.3g}). Increase `cg_maxiter`, loosen "
+                "`cg_tol` or increase `damping`.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        return CGResult(X, self.residuals, self.n_iter, self.n_products)
 
 
 def _orth_rows(W):
@@ -244,14 +279,12 @@ def _orth_rows(W):
         raise FloatingPointError("block CG: every new search direction is zero.")
     Qm, Rm = torch.linalg.qr(W.T)
     d = Rm.diagonal().abs()
-    keep = d > torch.finfo(W.dtype).eps ** 0.5 * d.max()
+    keep = d > _sqrt_eps(W.dtype) * d.max()
     return Qm[:, keep].T.contiguous()
 
 
-_SQRT_EPS = {
-    dtype: torch.finfo(dtype).eps ** 0.5
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-}
+def _sqrt_eps(dtype):
+    return torch.finfo(dtype).eps ** 0.5
 
 
 def _gram_cholesky(P, Q, name):
@@ -269,28 +302,6 @@ def _gram_cholesky(P, Q, name):
 
 def _chol_solve(chol, rhs):
     return torch.cholesky_solve(rhs.double(), chol).to(rhs.dtype)
-
-
-def _true_residuals(matmat, B, X, bnorm):
-    """``B - A X`` and its recomputed relative row norms (the recursed ones drift)."""
-    R = B - matmat(X)
-    safe = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
-    residuals = (torch.linalg.vector_norm(R, dim=1) / safe).cpu().numpy()
-    residuals = residuals.astype(np.float64)
-    residuals[bnorm.cpu().numpy() == 0] = 0.0
-    return R, residuals
-
-
-def _warn_maxiter(n_active, r_cols, maxiter, tol, residuals, name):
-    if n_active:
-        warnings.warn(
-            f"{name} stopped at maxiter={maxiter} with {n_active} of "
-            f"{r_cols} systems above cg_tol={tol:g} (worst relative residual "
-            f"{residuals.max():.3g}). Increase `cg_maxiter`, loosen `cg_tol` or "
-            "increase `damping`.",
-            ConvergenceWarning,
-            stacklevel=4,
-        )
 
 
 def _check_breakdown(rel, pAp, best, active, name):
@@ -404,13 +415,14 @@ def randomized_eigh(
         ]
     )
     blocks = [_orth_rows(omega)]
+    dim = blocks[0].shape[0]
     products = []  # products[i][j] = Q_j (A Q_i)^T for j <= i
     for i in range(n_iter + 1):
         AQ = matmat(blocks[i])
         if progress is not None:
             progress.update(1)
         products.append([(Qj.double() @ AQ.double().T) for Qj in blocks])
-        if i == n_iter or sum(len(Q) for Q in blocks) >= n:
+        if i == n_iter or dim >= n:
             break
         Y = AQ
         for _ in range(2):  # CGS2: orthogonal to the whole basis in float32 too
@@ -419,12 +431,12 @@ def randomized_eigh(
         # Rows (almost) inside the basis already carry no new direction, and
         # normalizing their round-off would break the basis' orthogonality.
         before = torch.linalg.vector_norm(AQ, dim=1)
-        fresh = torch.linalg.vector_norm(Y, dim=1) > _SQRT_EPS[Y.dtype] * before
+        fresh = torch.linalg.vector_norm(Y, dim=1) > _sqrt_eps(Y.dtype) * before
         if not bool(fresh.any()):
             break  # the basis is an invariant subspace
-        blocks.append(_orth_rows(Y[fresh])[: n - sum(len(Q) for Q in blocks)])
-    sizes = [Q.shape[0] for Q in blocks]
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+        blocks.append(_orth_rows(Y[fresh])[: n - dim])
+        dim += blocks[-1].shape[0]
+    offsets = np.concatenate([[0], np.cumsum([Q.shape[0] for Q in blocks])])
     B = torch.zeros(offsets[-1], offsets[-1], dtype=torch.float64, device=like.device)
     for i, row in enumerate(products):
         for j, block in enumerate(row):  # Q_j A Q_i^T
