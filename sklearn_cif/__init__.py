@@ -1,10 +1,11 @@
 """Clustered influence functions (CiF) for PyTorch and skorch models."""
 
-from sklearn_cif.estimator import ClusteredInfluenceEstimator, PerQueryInfluence
+from sklearn_cif import metrics
+from sklearn_cif._cif import ClusteredInfluenceEstimator
+from sklearn_cif._per_query import PerQueryInfluence
+from sklearn_cif._version import __version__
 from sklearn_cif.exceptions import CIFWarning
 from sklearn_cif.model_selection import InfluenceCV, influence_cross_validate
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CIFWarning",
@@ -12,5 +13,6 @@ __all__ = [
     "InfluenceCV",
     "PerQueryInfluence",
     "influence_cross_validate",
+    "metrics",
     "__version__",
 ]

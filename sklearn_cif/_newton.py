@@ -33,16 +33,13 @@ dropped). ``K`` is then low rank plus block diagonal, so a fold costs
 ``O(m (d^3 + d r^2) + r^3)``: no CG solve and no model pass per fold.
 """
 
-import warnings
-
 import numpy as np
 import torch
 from torch.func import jacrev, vmap
 
-from sklearn_cif.exceptions import CIFWarning
-from sklearn_cif.gradients import batch_tensors, iter_batches
+from sklearn_cif.gradients import iter_batches
 
-__all__ = ["MAX_OUTPUTS", "jacobian_features", "newton_effects"]
+__all__ = ["MAX_OUTPUTS", "jacobian_kernel", "newton_effects"]
 
 # Output dimension above which the d x d blocks per example are not cached.
 MAX_OUTPUTS = 64
@@ -73,44 +70,21 @@ def _jacobians(fmodel, x):
     return flat.reshape(x.shape[0], -1, fmodel.n_params)
 
 
-def jacobian_features(
-    fmodel, X, y, labels, means, precond, batch_size, bar=None, max_elements=2**24
-):
-    """Pass 5: what a fold's Newton step needs, per example (see module doc).
+def jacobian_kernel(fmodel, labels, means, U, max_elements=2**24):
+    """The per-batch kernel of the Newton-feature pass (see module doc).
 
-    Returns a dict of arrays: ``F`` (N, d, r), ``gram`` (N, d, d), ``hess``
-    (N, d, d), ``Jr`` (N, d) and ``Ur`` (N, r); or ``None`` (with a
-    :class:`~sklearn_cif.exceptions.CIFWarning`) when the output has more
-    than ``MAX_OUTPUTS`` numbers per example.
+    Returns ``kernel(idx, x, y) -> dict`` for
+    :meth:`~sklearn_cif.passes.DataPasses.map_rows`, with per-example
+    ``F`` (b, d, r), ``gram`` (b, d, d), ``hess`` (b, d, d), ``Jr`` (b, d)
+    and ``Ur`` (b, r). The caller checks ``d <= MAX_OUTPUTS`` first.
     """
-    n = len(y)
-    U = precond.evecs
     lab = torch.as_tensor(labels, device=fmodel.device)
-    feats = None
-    for outer in iter_batches(n, batch_size):
-        x, t = batch_tensors(fmodel, X, y, outer)
+
+    def kernel(outer, x, t):
         out = fmodel.forward(fmodel.theta, x).detach()
         d = out[0].numel()
-        if d > MAX_OUTPUTS:
-            warnings.warn(
-                f"The model has {d} outputs per example (> {MAX_OUTPUTS}); the "
-                "Newton-step features are not cached and target='retrain' is "
-                "unavailable.",
-                CIFWarning,
-                stacklevel=3,
-            )
-            return None
-        if feats is None:
-            r = U.shape[0]
-            dt = torch.empty(0, dtype=fmodel.dtype).numpy().dtype  # model precision
-            feats = {
-                "F": np.empty((n, d, r), dtype=dt),
-                "gram": np.empty((n, d, d), dtype=dt),
-                "hess": np.empty((n, d, d), dtype=dt),
-                "Jr": np.empty((n, d), dtype=dt),
-                "Ur": np.empty((n, r), dtype=dt),
-            }
         e, H = _output_derivatives(fmodel, out, t)
+        parts = {key: [] for key in ("F", "gram", "hess", "Jr", "Ur")}
         # Bound (examples x outputs x parameters) held at once.
         step = max(1, max_elements // (d * fmodel.n_params))
         for inner in iter_batches(x.shape[0], step):
@@ -119,14 +93,14 @@ def jacobian_features(
             idx = np.arange(outer.start, outer.stop)[inner]
             resid = g - means[lab[idx]]
             F = J @ U.T
-            feats["F"][idx] = F.cpu().numpy()
-            feats["gram"][idx] = (J @ J.transpose(1, 2)).cpu().numpy()
-            feats["hess"][idx] = H[inner].cpu().numpy()
-            feats["Jr"][idx] = torch.einsum("bdp,bp->bd", J, resid).cpu().numpy()
-            feats["Ur"][idx] = (resid @ U.T).cpu().numpy()
-        if bar is not None:
-            bar.update(outer.stop - outer.start)
-    return feats
+            parts["F"].append(F)
+            parts["gram"].append(J @ J.transpose(1, 2))
+            parts["hess"].append(H[inner])
+            parts["Jr"].append(torch.einsum("bdp,bp->bd", J, resid))
+            parts["Ur"].append(resid @ U.T)
+        return {key: torch.cat(val) for key, val in parts.items()}
+
+    return kernel
 
 
 def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats):
@@ -147,7 +121,7 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
     complement : float
         ``c``: the inverse curvature on the complement of ``U``.
     feats : dict
-        Output of :func:`jacobian_features`.
+        Per-example features, as :meth:`CiFCache.newton_features` returns.
 
     Returns
     -------

@@ -1,23 +1,31 @@
 """Saving a fitted cache in a format that executes nothing on load.
 
-One ``.npz`` file: every fitted NumPy attribute as an array, plus a JSON
-document (stored as a uint8 array) with the package version, the
-estimator's class, its JSON-serializable parameters and its scalar fitted
-attributes. :func:`load_cache` reads it with ``allow_pickle=False``.
+One ``.npz`` file: every array field of the cache dataclass as an ``.npy``
+member, plus ``__meta__``, a JSON document (stored as a uint8 array) with
+the package version, the estimator's class, its JSON-serializable
+parameters, the cache's scalar fields and its dimensions. The declared
+fields are the format: :func:`load_cache` refuses unknown members, and reads
+each member's header first, checking dtype, shape (from the dimensions) and
+size (against the bytes the file really holds) before anything is
+allocated; it never unpickles.
 """
 
+import dataclasses
 import json
 import numbers
 import warnings
 import zipfile
 
 import numpy as np
+from numpy.lib import format as npy_format
 
+from sklearn_cif._version import __version__
 from sklearn_cif.exceptions import CIFWarning
 
-__all__ = ["save_cache", "load_cache"]
+__all__ = ["load_cache", "save_cache"]
 
-_FORMAT = "sklearn_cif-cache-1"
+_FORMAT = "sklearn_cif-cache-2"
+_META = "__meta__"
 
 
 def _jsonable(value):
@@ -37,68 +45,162 @@ def _plain(value):
         return value.item()
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     return value
 
 
-def save_cache(est, path, version, extra_state):
-    """Write ``est``'s fitted attributes and parameters to ``path`` (``.npz``)."""
+def _is_array_field(f):
+    return "shape" in f.metadata
+
+
+def save_cache(cache, params, class_name, path):
+    """Write a cache dataclass and the estimator's ``params`` to ``path``."""
     arrays, scalars = {}, {}
-    for key, value in vars(est).items():
-        if not key.endswith("_") or key.startswith("_"):
-            continue
-        if isinstance(value, np.ndarray):
-            if value.dtype == object:
-                raise TypeError(f"Cannot save object array {key}.")
-            arrays[key] = value
-        elif _jsonable(_plain(value)):
-            scalars[key] = _plain(value)
-    params = est.get_params()
+    for f in dataclasses.fields(cache):
+        value = getattr(cache, f.name)
+        if _is_array_field(f):
+            if value is not None:
+                arrays[f.name] = np.ascontiguousarray(value)
+        else:
+            scalars[f.name] = _plain(value)
     dropped = sorted(k for k, v in params.items() if not _jsonable(v))
     meta = {
         "format": _FORMAT,
-        "version": version,
-        "class": type(est).__name__,
-        "params": {k: v for k, v in params.items() if k not in dropped},
+        "version": __version__,
+        "class": class_name,
+        "params": {k: _plain(v) for k, v in params.items() if k not in dropped},
         "dropped_params": dropped,
         "scalars": scalars,
-        "state": extra_state,
+        "dims": cache.dims() if hasattr(cache, "dims") else {},
     }
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with open(path, "wb") as fh:  # np.savez on a handle: the name is kept as given
-        np.savez(fh, __meta__=blob, **arrays)
+        np.savez(fh, **{_META: blob}, **arrays)
 
 
-def load_cache(path, cls, version):
-    """Read a file written by :func:`save_cache` into a new ``cls`` instance.
+def _read_member(zf, info, check):
+    """Read one ``.npy`` member after ``check(shape, dtype)`` accepts its header."""
+    with zf.open(info) as fh:
+        version = npy_format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        header = fh.tell()
+        if dtype.hasobject or fortran:
+            raise ValueError("object or Fortran-ordered arrays are not a cache")
+        check(shape, dtype)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if size != info.file_size - header:
+            raise ValueError(
+                f"header says {size} bytes, the file holds {info.file_size - header}"
+            )
+        return npy_format.read_array(fh, allow_pickle=False).reshape(shape)
 
-    Returns ``(estimator, extra_state)``. Raises ``ValueError`` for a file
-    that is not a complete cache; warns (:class:`CIFWarning`) when it was
-    written by another package version.
+
+def _check_scalar(f, value):
+    types = f.metadata["types"]
+    types = types if isinstance(types, tuple) else (types,)
+    if float in types:
+        types = (*types, numbers.Real)
+    if value is None and f.metadata.get("optional"):
+        return value
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ValueError(
+            f"field {f.name!r} holds {value!r}, expected {types[0].__name__}"
+        )
+    return tuple(value) if tuple in types else value
+
+
+def _array_check(f, dims):
+    def check(shape, dtype):
+        expected = tuple(dims[d] for d in f.metadata["shape"])
+        if tuple(shape) != expected:
+            raise ValueError(f"{f.name} has shape {shape}, expected {expected}")
+        kinds = "iu" if f.metadata["kind"] == "i" else "f"
+        if dtype.kind not in kinds:
+            raise ValueError(f"{f.name} has dtype {dtype}")
+
+    return check
+
+
+def _read(path, class_name, cache_cls):
+    with zipfile.ZipFile(path) as zf:
+        members = {info.filename: info for info in zf.infolist()}
+        if f"{_META}.npy" not in members:
+            raise ValueError("no metadata")
+
+        def check_meta(shape, dtype):
+            if dtype != np.uint8 or len(shape) != 1:
+                raise ValueError("metadata is not a byte string")
+
+        meta = json.loads(bytes(_read_member(zf, members[f"{_META}.npy"], check_meta)))
+        if meta.get("format") != _FORMAT or meta.get("class") != class_name:
+            raise TypeError(
+                f"{path!s} holds {meta.get('class')!r} in format "
+                f"{meta.get('format')!r}; expected a {class_name} cache in format "
+                f"{_FORMAT!r}."
+            )
+        fields = {f.name: f for f in dataclasses.fields(cache_cls)}
+        unknown = sorted(
+            set(members)
+            - {f"{n}.npy" for n, f in fields.items() if _is_array_field(f)}
+            - {f"{_META}.npy"}
+        )
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}")
+        values = {}
+        for name, f in fields.items():
+            if not _is_array_field(f):
+                if name not in meta["scalars"]:
+                    raise ValueError(f"missing field {name!r}")
+                values[name] = _check_scalar(f, meta["scalars"][name])
+        dims = meta["dims"]
+        if not all(isinstance(v, int) and v >= 0 for v in dims.values()):
+            raise ValueError(f"bad dimensions {dims}")
+        for name, f in fields.items():
+            if _is_array_field(f):
+                info = members.get(f"{name}.npy")
+                if info is None and not f.metadata["optional"]:
+                    raise ValueError(f"missing array {name!r}")
+                values[name] = (
+                    None
+                    if info is None
+                    else _read_member(zf, info, _array_check(f, dims))
+                )
+    return meta, cache_cls(**values)
+
+
+def load_cache(path, class_name, cache_cls):
+    """Read a file written by :func:`save_cache`.
+
+    Returns ``(params, cache)``. Raises ``ValueError`` for a file that is not
+    a complete, well-formed cache of ``class_name``; warns
+    (:class:`~sklearn_cif.exceptions.CIFWarning`) when it was written by
+    another package version or when parameters were not stored.
     """
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(bytes(data["__meta__"]).decode())
-            arrays = {k: data[k] for k in data.files if k != "__meta__"}
+        meta, cache = _read(path, class_name, cache_cls)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as exc:
         raise ValueError(
-            f"{path!s} is not a readable sklearn_cif cache (corrupt or truncated "
-            f"file: {exc})."
+            f"{path!s} is not a readable sklearn_cif cache (corrupt, truncated or "
+            f"foreign file: {exc})."
         ) from None
-    if meta.get("format") != _FORMAT or meta.get("class") != cls.__name__:
-        raise ValueError(
-            f"{path!s} holds {meta.get('class')!r} in format {meta.get('format')!r}; "
-            f"expected a {cls.__name__} cache in format {_FORMAT!r}."
-        )
-    if meta["version"] != version:
+    dims = cache.dims() if hasattr(cache, "dims") else {}
+    if dims and dims != meta["dims"]:
+        raise ValueError(f"{path!s}: the cache's fields disagree with its dimensions.")
+    if meta["version"] != __version__:
         warnings.warn(
-            f"{path!s} was saved by sklearn_cif {meta['version']}, this is {version}; "
-            "check the answers before relying on them.",
+            f"{path!s} was saved by sklearn_cif {meta['version']}, this is "
+            f"{__version__}; check the answers before relying on them.",
             CIFWarning,
             stacklevel=3,
         )
-    est = cls(**meta["params"])
-    for key, value in {**meta["scalars"], **arrays}.items():
-        setattr(est, key, value)
     if meta["dropped_params"]:
         warnings.warn(
             f"Parameters {meta['dropped_params']} (the model, a callable loss, ...) "
@@ -107,4 +209,4 @@ def load_cache(path, cls, version):
             CIFWarning,
             stacklevel=3,
         )
-    return est, meta["state"]
+    return meta["params"], cache

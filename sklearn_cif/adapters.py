@@ -10,6 +10,7 @@ flips, no in-place writes (STYLE.md, convention 2).
 import copy
 import hashlib
 import itertools
+import threading
 import warnings
 
 import numpy as np
@@ -17,13 +18,15 @@ import torch
 from sklearn.exceptions import NotFittedError
 
 from sklearn_cif.exceptions import CIFWarning
-from sklearn_cif.losses import resolve_loss
+from sklearn_cif.losses import resolve_loss, skorch_loss
 
 __all__ = [
     "FunctionalModel",
     "as_functional",
     "fingerprint_of",
+    "is_model",
     "model_fingerprint",
+    "module_of",
     "resolve_device",
 ]
 
@@ -60,34 +63,44 @@ def _is_skorch_net(model):
     return isinstance(model, NeuralNet)
 
 
-def _skorch_loss_name(net):
-    from skorch import NeuralNetBinaryClassifier, NeuralNetClassifier
+def is_model(obj):
+    """Whether ``obj`` is something ``fit`` accepts as the model."""
+    return isinstance(obj, torch.nn.Module) or _is_skorch_net(obj)
 
+
+def _skorch_kind(net):
+    from skorch import (
+        NeuralNetBinaryClassifier,
+        NeuralNetClassifier,
+        NeuralNetRegressor,
+    )
+
+    for cls, kind in (
+        (NeuralNetBinaryClassifier, "binary_classifier"),
+        (NeuralNetClassifier, "classifier"),
+        (NeuralNetRegressor, "regressor"),
+    ):
+        if isinstance(net, cls):
+            return kind
+    return "net"
+
+
+def _skorch_loss(net):
+    """The per-example loss of a skorch net's criterion (the losses declare it)."""
     crit = net.criterion_
     if getattr(crit, "weight", None) is not None:
         raise ValueError(
             "Weighted criteria are not supported; pass loss=callable returning the "
             "weighted per-example loss instead."
         )
-    if isinstance(crit, torch.nn.NLLLoss):
-        # NeuralNetClassifier takes the log of probabilities in get_loss.
-        return "nll_proba" if isinstance(net, NeuralNetClassifier) else "nll"
-    if isinstance(crit, torch.nn.CrossEntropyLoss):
-        return "cross_entropy"
-    if isinstance(crit, torch.nn.MSELoss):
-        return "mse"
-    if isinstance(crit, torch.nn.BCEWithLogitsLoss):
-        return "bce_logits"
-    kind = (
-        "NeuralNetBinaryClassifier"
-        if isinstance(net, NeuralNetBinaryClassifier)
-        else ""
-    )
-    raise ValueError(
-        f"Cannot derive a per-example loss from the {kind or 'skorch net'} "
-        f"criterion {type(crit).__name__}; pass loss='cross_entropy', 'nll', "
-        "'mse', 'bce_logits' or a callable."
-    )
+    loss = skorch_loss(crit, _skorch_kind(net))
+    if loss is None:
+        raise ValueError(
+            f"Cannot derive a per-example loss from the {type(net).__name__} "
+            f"criterion {type(crit).__name__}; pass loss='cross_entropy', 'nll', "
+            "'mse', 'bce_logits' or a callable."
+        )
+    return loss
 
 
 def _inference_copy(module):
@@ -122,6 +135,9 @@ class FunctionalModel:
     def __init__(self, module, loss, params=None, device="cpu", squeeze_output=False):
         self.source = module  # only read, to fingerprint the user's current weights
         self.module = _inference_copy(module)
+        # functional_call swaps tensors into ``self.module`` for the duration
+        # of a call: one pass at a time per functional model (issue 12).
+        self.lock = threading.RLock()
         self.loss = loss
         self.device = torch.device(device)
         self.squeeze_output = squeeze_output
@@ -156,6 +172,15 @@ class FunctionalModel:
                 f"All selected parameters must share one floating dtype; got {dtypes}."
             )
         self.dtype = dtypes.pop()
+        self._source_ids = self._tensor_ids(module)
+
+    @staticmethod
+    def _tensor_ids(module):
+        return [id(t) for t in itertools.chain(module.parameters(), module.buffers())]
+
+    def views(self, module):
+        """Whether this functional model still reads ``module``'s own tensors."""
+        return module is self.source and self._tensor_ids(module) == self._source_ids
 
     # -- flat <-> dict --------------------------------------------------------
     def flatten(self, tensors, batch_dims=0):
@@ -242,20 +267,17 @@ def as_functional(model, loss=None, params=None, device="auto"):
     """
     dev = resolve_device(device)
     if _is_skorch_net(model):
-        from skorch import NeuralNetBinaryClassifier
-
         if not getattr(model, "initialized_", False) or not hasattr(model, "module_"):
             raise NotFittedError(
                 f"The skorch net {type(model).__name__} is not initialized; fit it "
                 "before computing influences."
             )
-        name = loss if loss is not None else _skorch_loss_name(model)
         fmodel = FunctionalModel(
             model.module_,
-            resolve_loss(name),
+            resolve_loss(loss) if loss is not None else _skorch_loss(model),
             params=params,
             device=dev,
-            squeeze_output=isinstance(model, NeuralNetBinaryClassifier),
+            squeeze_output=_skorch_kind(model) == "binary_classifier",
         )
     elif isinstance(model, torch.nn.Module):
         if loss is None:
@@ -271,6 +293,11 @@ def as_functional(model, loss=None, params=None, device="auto"):
         )
     fmodel.source_model = model  # the object the user passed (net or module)
     return fmodel
+
+
+def module_of(model):
+    """The torch module of a skorch net (``module_``) or of a module itself."""
+    return model.module_ if _is_skorch_net(model) else model
 
 
 def fingerprint_of(model):

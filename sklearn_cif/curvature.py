@@ -1,53 +1,100 @@
-"""Damped generalized Gauss-Newton products.
+"""Curvature operators: the matrix the influence solves invert, as products.
 
-:class:`DampedGGNOperator` applies
+The contract every operator keeps (the solvers and the spectrum see nothing
+else):
 
-.. math:: (G + \\lambda I) V, \\qquad G = \\frac1N \\sum_i J_i^\\top H_i J_i
+- ``matmat(V)``: the matrix applied to the rows of ``V`` (``(r, p)`` or
+  ``(p,)``), returned in the same shape;
+- ``n_params`` (``p``), ``dtype``, ``device``;
+- ``damping``: the ``lambda`` its matrix includes;
+- ``n_products``: matrix-vector products applied so far (a block of ``r``
+  vectors counts ``r``);
+- optionally ``solve(B)``: the exact ``A^{-1} B`` (an operator without one
+  is solved by conjugate gradient).
 
-to a block of vectors ``V`` (shape ``(r, p)``), where ``J_i`` is the
-Jacobian of the module output for example ``i`` with respect to the
-parameters and ``H_i`` the Hessian of the loss with respect to that output.
-One primal forward and one ``vjp`` closure per data batch serve all ``r``
-vectors (``vmap`` over the tangents of ``jvp`` and over the cotangents of
-the ``vjp``).
+Operators are built by name through :func:`make_curvature` (the
+``curvature=`` parameter); ``"ggn"``, the damped generalized Gauss-Newton
+matrix :class:`DampedGGNOperator`, is the first entry. Their data loops go
+through :class:`~sklearn_cif.passes.DataPasses`.
 """
 
 import warnings
 
+import numpy as np
 import torch
 from torch.func import jvp, vjp, vmap
 
 from sklearn_cif.exceptions import CIFWarning
-from sklearn_cif.gradients import batch_tensors, iter_batches
+from sklearn_cif.gradients import iter_batches
 
-__all__ = ["DampedGGNOperator", "output_jvp"]
+__all__ = [
+    "DampedGGNOperator",
+    "curvature_indices",
+    "make_curvature",
+    "register_curvature",
+]
+
+_CURVATURES = {}
 
 
-def output_jvp(fmodel, x, V):
-    """Outputs ``f(x)`` and ``J(x) v_j`` (shape ``(r, b, *out)``) for rows of ``V``.
+def register_curvature(name):
+    """Class decorator: make ``curvature=name`` build this operator class.
 
-    ``vmap`` over the tangents of ``jvp``: one batched call for all ``r``.
+    The class is called as ``cls(passes, damping)`` with ``passes`` a
+    :class:`~sklearn_cif.passes.DataPasses` over the examples the curvature
+    averages over.
     """
 
-    def f(theta):
-        return fmodel.forward(theta, x)
+    def decorate(cls):
+        _CURVATURES[name] = cls
+        return cls
 
-    out, JV = vmap(lambda t: jvp(f, (fmodel.theta,), (t,)))(fmodel.unflatten(V))
-    return out[0], JV
+    return decorate
 
 
+def check_curvature(name):
+    """Raise ``ValueError`` unless ``name`` is a registered curvature."""
+    if not isinstance(name, str) or name not in _CURVATURES:
+        raise ValueError(
+            f"curvature={name!r} is not supported; expected one of "
+            f"{sorted(_CURVATURES)}."
+        )
+
+
+def make_curvature(name, passes, damping):
+    """Build the operator registered as ``name`` over ``passes``."""
+    check_curvature(name)
+    return _CURVATURES[name](passes, damping)
+
+
+def curvature_indices(n_samples, curvature_samples, seed):
+    """The examples the curvature averages over: ``None`` (all) or a subsample.
+
+    The same seeded subsample serves every solve of one fit, and CiF and
+    :class:`~sklearn_cif.PerQueryInfluence` draw it from the same named seed.
+    """
+    if curvature_samples is None or curvature_samples >= n_samples:
+        return None
+    rng = np.random.RandomState(seed)
+    return np.sort(rng.choice(n_samples, int(curvature_samples), replace=False))
+
+
+@register_curvature("ggn")
 class DampedGGNOperator:
     r"""The matrix :math:`(1/N) \sum_i J_i^\top H_i J_i + \lambda I` as products.
 
+    ``J_i`` is the Jacobian of the module output for example ``i`` with
+    respect to the parameters and ``H_i`` the Hessian of the loss with
+    respect to that output. One primal forward and one ``vjp`` closure per
+    data batch serve all ``r`` vectors of a block (``vmap`` over the
+    tangents of ``jvp`` and over the cotangents of the ``vjp``).
+
     Parameters
     ----------
-    fmodel : FunctionalModel
-    X, y : array-like
-        The N training examples the mean runs over.
+    passes : DataPasses
+        Passes over the N examples the mean runs over.
     damping : float
         :math:`\lambda`.
-    batch_size : int
-        Examples per data batch.
     max_elements : int, default=2**24
         Bound on (vectors x input numbers of a batch) traced together in one
         ``vmap`` call.
@@ -57,21 +104,19 @@ class DampedGGNOperator:
     n_products : int
         Number of matrix-vector products applied so far (a block of ``r``
         vectors counts ``r``).
-    n_passes : int
-        Number of passes over the data so far.
     """
 
-    def __init__(self, fmodel, X, y, damping, batch_size, max_elements=2**24):
-        self.fmodel = fmodel
-        self.X, self.y = X, y
-        self.n_samples = len(y)
+    def __init__(self, passes, damping, max_elements=2**24):
+        self.passes = passes
+        self.fmodel = fm = passes.fmodel
+        self.n_samples = passes.n_samples
+        self.n_params, self.dtype, self.device = fm.n_params, fm.dtype, fm.device
         self.damping = float(damping)
-        self.batch_size = int(batch_size)
         self.max_elements = int(max_elements)
         self.n_products = 0
-        self.n_passes = 0
-        if hasattr(fmodel.loss, "n_clipped_"):
-            fmodel.loss.n_clipped_ = 0  # count the first pass only
+        self._reported = False
+        if hasattr(fm.loss, "n_clipped_"):
+            fm.loss.n_clipped_ = 0  # count the first pass only
 
     def _batch_ggn(self, x, y, V):
         fm = self.fmodel
@@ -106,9 +151,8 @@ class DampedGGNOperator:
         """Apply the damped GGN to the rows of ``V`` (``(r, p)`` or ``(p,)``)."""
         single = V.dim() == 1
         V = V[None] if single else V
-        acc = torch.zeros_like(V)
-        for idx in iter_batches(self.n_samples, self.batch_size):
-            x, y = batch_tensors(self.fmodel, self.X, self.y, idx)
+
+        def kernel(x, y, acc):
             # vmap over r tangents materializes r copies of the batch's
             # activations: bound r x (input numbers) so that a CNN on images
             # does not thrash memory (CIFAR-shaped CNN: 20 s -> 11 s per 74
@@ -116,16 +160,16 @@ class DampedGGNOperator:
             block = max(1, self.max_elements // max(1, x.numel()))
             for cols in iter_batches(V.shape[0], block):
                 acc[cols] += self._batch_ggn(x, y, V[cols])
+
+        acc = self.passes.accumulate(kernel, torch.zeros_like(V))
         out = acc / self.n_samples + self.damping * V
         self.n_products += V.shape[0]
-        self.n_passes += 1
-        if self.n_passes == 1:
+        if not self._reported:
+            self._reported = True
             self._report_clipping()
         return out[0] if single else out
 
     def to_dense(self):
         """The full ``p x p`` matrix (tests and tiny models only)."""
-        eye = torch.eye(
-            self.fmodel.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device
-        )
+        eye = torch.eye(self.n_params, dtype=self.dtype, device=self.device)
         return self.matmat(eye)

@@ -1,19 +1,20 @@
-"""Batched per-example loss gradients with ``torch.func``.
+"""Per-batch kernels with ``torch.func``: per-example gradients, output JVPs.
 
 ``g_i = grad_theta l(f(x_i; theta), y_i)`` for a batch at once, by
 ``vmap(grad(.))`` over ``functional_call``; modules that ``vmap`` cannot
-trace fall back to a plain per-example loop (slow but exact).
+trace fall back to a plain per-example loop (slow but exact). The loops
+over a dataset that call these kernels live in :mod:`sklearn_cif.passes`.
 """
 
 import warnings
 
 import numpy as np
 import torch
-from torch.func import grad_and_value, vmap
+from torch.func import grad_and_value, jvp, vmap
 
 from sklearn_cif.exceptions import CIFWarning
 
-__all__ = ["iter_batches", "per_example_grads", "summed_grad"]
+__all__ = ["iter_batches", "output_jvp", "per_example_grads", "summed_grad", "take"]
 
 
 def iter_batches(n, batch_size):
@@ -22,15 +23,24 @@ def iter_batches(n, batch_size):
         yield slice(start, min(start + batch_size, n))
 
 
-def _take(A, idx):
+def take(A, idx):
+    """Rows ``idx`` of an array, tensor or sequence."""
     if torch.is_tensor(A):
         return A[idx]
     return A[idx] if isinstance(A, np.ndarray) else np.asarray(A)[idx]
 
 
-def batch_tensors(fmodel, X, y, index):
-    """The batch ``X[index], y[index]`` as device tensors."""
-    return fmodel.as_tensors(_take(X, index), None if y is None else _take(y, index))
+def output_jvp(fmodel, x, V):
+    """Outputs ``f(x)`` and ``J(x) v_j`` (shape ``(r, b, *out)``) for rows of ``V``.
+
+    ``vmap`` over the tangents of ``jvp``: one batched call for all ``r``.
+    """
+
+    def f(theta):
+        return fmodel.forward(theta, x)
+
+    out, JV = vmap(lambda t: jvp(f, (fmodel.theta,), (t,)))(fmodel.unflatten(V))
+    return out[0], JV
 
 
 def _vmap_grads(fmodel, x, y):

@@ -5,14 +5,44 @@ targets ``y`` to per-example losses ``(n,)`` and applies the per-example
 output Hessian ``H_i = d^2 l_i / dz_i^2`` to output-space vectors. The
 generalized Gauss-Newton matrix ``(1/N) sum_i J_i^T H_i J_i`` is built from
 these products in :mod:`sklearn_cif.curvature`.
+
+Each loss is the one owner of what the package knows about it: whether it is
+a classification loss, how its targets are checked, how outputs become
+class probabilities, whether ``target="auto"`` runs the Newton step for it,
+and which skorch criteria map to it. A new loss is one subclass decorated
+with :func:`register_loss`; nothing else in the package lists losses.
 """
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OutputLoss", "resolve_loss"]
+__all__ = ["OutputLoss", "get_loss", "register_loss", "resolve_loss", "skorch_loss"]
+
+_REGISTRY = {}
+
+
+def register_loss(cls):
+    """Class decorator: make ``loss=cls.name`` resolve to ``cls()``.
+
+    Parameters
+    ----------
+    cls : type
+        A subclass of :class:`OutputLoss` with a unique string ``name``.
+
+    Returns
+    -------
+    cls : type
+        The class, unchanged (so it can be used as a decorator).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, OutputLoss)):
+        raise TypeError(f"register_loss expects an OutputLoss subclass; got {cls!r}.")
+    if not isinstance(cls.name, str) or cls.name in ("", "callable"):
+        raise ValueError(f"{cls.__name__}.name must be a new string; got {cls.name!r}.")
+    _REGISTRY[cls.name] = cls
+    return cls
 
 
 class OutputLoss:
@@ -21,13 +51,49 @@ class OutputLoss:
     Subclasses implement :meth:`value` and :meth:`hvp`. ``hvp`` receives the
     outputs ``z`` and targets ``y`` of a batch and output-space tangents
     ``u`` of the same shape as ``z`` and returns ``H_i u_i`` for each example.
+
+    Class attributes (the loss's knowledge):
+
+    - ``name``: the string ``loss=`` accepts;
+    - ``is_classifier``: outputs are class scores (scored with accuracy by
+      default; :meth:`to_proba` gives probabilities);
+    - ``newton_default``: ``target="auto"`` runs the Newton step of
+      ``target="retrain"`` (losses whose curvature is split at logits or a
+      linear output);
+    - ``skorch_criteria``: the ``torch.nn`` criterion classes of a skorch
+      net that map to this loss, and ``skorch_nets`` the skorch net kinds
+      (``"classifier"``, ``"binary_classifier"``, ``"regressor"``,
+      ``"net"``) it is restricted to (``None``: any kind).
     """
 
     name = "callable"
+    is_classifier = False
+    newton_default = False
+    skorch_criteria = ()
+    skorch_nets = None
 
     def prepare_target(self, y, output_dtype):
         """Convert a target batch to the dtype this loss expects."""
         return y
+
+    def check_targets(self, y, n_outputs):
+        """Raise ``ValueError`` when targets ``y`` cannot go with ``n_outputs``.
+
+        Parameters
+        ----------
+        y : torch.Tensor
+            All targets (CPU), before :meth:`prepare_target`.
+        n_outputs : int
+            Outputs per example of the model.
+        """
+
+    def n_classes(self, n_outputs):
+        """Number of classes of a model with ``n_outputs`` outputs."""
+        return n_outputs
+
+    def to_proba(self, outputs):
+        """Class probabilities ``(n, n_classes)`` from model outputs ``(n, d)``."""
+        raise ValueError(f"Outputs of a {self.name!r} loss are not class scores.")
 
     def value(self, z, y):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -50,13 +116,44 @@ def _flat_out(z):
     return z.reshape(z.shape[0], -1)
 
 
-class CrossEntropyLoss(OutputLoss):
+def _softmax(z):
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+class ClassIndexLoss(OutputLoss):
+    """A classification loss whose targets are class indices ``0 .. d - 1``."""
+
+    is_classifier = True
+
+    def check_targets(self, y, n_outputs):
+        if y.is_floating_point() and not bool((y == y.round()).all()):
+            raise ValueError(
+                f"y must hold integer class indices for loss={self.name!r}."
+            )
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= n_outputs:
+            raise ValueError(
+                f"y holds labels in [{lo}, {hi}] but the model has {n_outputs} "
+                f"outputs; loss={self.name!r} expects class indices in "
+                f"[0, {n_outputs - 1}]."
+            )
+
+
+@register_loss
+class CrossEntropyLoss(ClassIndexLoss):
     r"""Softmax cross-entropy on logits, :math:`l = -z_y + \log\sum_k e^{z_k}`.
 
     Output Hessian: :math:`H = \mathrm{diag}(p) - p p^\top`, ``p = softmax(z)``.
     """
 
     name = "cross_entropy"
+    newton_default = True
+    skorch_criteria = (torch.nn.CrossEntropyLoss,)
+
+    def to_proba(self, outputs):
+        return _softmax(outputs)
 
     def prepare_target(self, y, output_dtype):
         return y.long()
@@ -74,6 +171,7 @@ class CrossEntropyLoss(OutputLoss):
         return self.hvp_from_state(self.hessian_state(z, y), z, y, u)
 
 
+@register_loss
 class LogProbNLLLoss(CrossEntropyLoss):
     r"""Negative log-likelihood on log-probabilities, :math:`l = -z_y`.
 
@@ -86,20 +184,35 @@ class LogProbNLLLoss(CrossEntropyLoss):
     """
 
     name = "nll"
+    skorch_criteria = (torch.nn.NLLLoss,)
 
     def value(self, z, y):
         return F.nll_loss(z, y, reduction="none")
 
 
-class ProbabilityNLLLoss(OutputLoss):
+@register_loss
+class ProbabilityNLLLoss(ClassIndexLoss):
     r"""skorch's classifier loss on probabilities, :math:`l = -\log(p_y + \epsilon)`.
 
     ``NeuralNetClassifier`` with ``NLLLoss`` takes the log of the module's
     probability output (with ``eps`` the machine epsilon of the dtype).
     Output Hessian: :math:`H = e_y e_y^\top / (p_y + \epsilon)^2`.
+
+    Not ``newton_default``: the curvature split at the probabilities is
+    :math:`g_y g_y^\top` for the labelled class, so a misclassified example
+    gets a leverage near 1 and the Newton step overshoots (skorch MLP on
+    digits: median 5.8x the real CV loss change, against 1.4x for
+    first-order IF). ``target="retrain"`` can still be asked for.
     """
 
     name = "nll_proba"
+    skorch_criteria = (torch.nn.NLLLoss,)
+    skorch_nets = ("classifier",)  # NeuralNetClassifier logs the probabilities
+
+    def to_proba(self, outputs):
+        # a linearized step can leave the simplex: clip and renormalize
+        p = np.clip(outputs, 1e-12, None)
+        return p / p.sum(1, keepdims=True)
 
     def prepare_target(self, y, output_dtype):
         return y.long()
@@ -121,6 +234,7 @@ class ProbabilityNLLLoss(OutputLoss):
         return self.hvp_from_state(self.hessian_state(z, y), z, y, u)
 
 
+@register_loss
 class MSELoss(OutputLoss):
     r"""Squared error averaged over output entries, :math:`l = \frac1d \|z - y\|^2`.
 
@@ -129,6 +243,8 @@ class MSELoss(OutputLoss):
     """
 
     name = "mse"
+    newton_default = True
+    skorch_criteria = (torch.nn.MSELoss,)
 
     def prepare_target(self, y, output_dtype):
         return y.to(output_dtype)
@@ -142,6 +258,7 @@ class MSELoss(OutputLoss):
         return u * (2.0 / d)
 
 
+@register_loss
 class BCEWithLogitsLoss(OutputLoss):
     r"""Binary cross-entropy on logits, :math:`l = \log(1 + e^z) - y z`.
 
@@ -150,6 +267,20 @@ class BCEWithLogitsLoss(OutputLoss):
     """
 
     name = "bce_logits"
+    is_classifier = True
+    newton_default = True
+    skorch_criteria = (torch.nn.BCEWithLogitsLoss,)
+
+    def check_targets(self, y, n_outputs):
+        if float(y.min()) < 0 or float(y.max()) > 1:
+            raise ValueError("y must lie in [0, 1] for loss='bce_logits'.")
+
+    def n_classes(self, n_outputs):
+        return 2
+
+    def to_proba(self, outputs):
+        s = 1.0 / (1.0 + np.exp(-outputs[:, 0]))
+        return np.stack([1 - s, s], axis=1)
 
     def prepare_target(self, y, output_dtype):
         return y.to(output_dtype)
@@ -225,13 +356,29 @@ class CallableLoss(OutputLoss):
         return f"CallableLoss({self.fn!r})"
 
 
-_LOSSES = {
-    "cross_entropy": CrossEntropyLoss,
-    "nll": LogProbNLLLoss,
-    "mse": MSELoss,
-    "bce_logits": BCEWithLogitsLoss,
-    "nll_proba": ProbabilityNLLLoss,
-}
+def get_loss(name):
+    """A fresh instance of the loss whose ``name`` is given.
+
+    Parameters
+    ----------
+    name : str
+        A registered name, or ``"callable"`` (the ``loss_name_`` of an
+        estimator fitted with a user callable: the instance then carries the
+        loss's knowledge, not the function).
+
+    Returns
+    -------
+    loss : OutputLoss
+    """
+    if name == "callable":
+        return CallableLoss(None)
+    try:
+        return _REGISTRY[name]()
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown loss={name!r}; expected one of {sorted(_REGISTRY)} or a "
+            "callable (output, y) -> per-example losses."
+        ) from None
 
 
 def resolve_loss(loss):
@@ -240,21 +387,48 @@ def resolve_loss(loss):
     Parameters
     ----------
     loss : str, callable or OutputLoss
-        One of ``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"bce_logits"``,
-        ``"nll_proba"``, or a callable ``(output, y) -> per-example loss``.
+        A registered name (``"cross_entropy"``, ``"nll"``, ``"mse"``,
+        ``"bce_logits"``, ``"nll_proba"`` or one added with
+        :func:`register_loss`), or a callable ``(output, y) -> per-example
+        loss``.
+
+    Returns
+    -------
+    loss : OutputLoss
     """
     if isinstance(loss, OutputLoss):
         return loss
-    if isinstance(loss, str):
-        try:
-            return _LOSSES[loss]()
-        except KeyError:
-            raise ValueError(
-                f"Unknown loss={loss!r}; expected one of {sorted(_LOSSES)} or a "
-                "callable (output, y) -> per-example losses."
-            ) from None
+    if isinstance(loss, str) and loss != "callable":
+        return get_loss(loss)
     if callable(loss):
         return CallableLoss(loss)
+    if isinstance(loss, str):
+        return get_loss(f"{loss!r}")  # raises with the registered names
     raise TypeError(
         f"loss must be a string, a callable or None; got {type(loss).__name__}."
     )
+
+
+def skorch_loss(criterion, net_kind):
+    """The registered loss a skorch net's ``criterion_`` maps to, or ``None``.
+
+    Parameters
+    ----------
+    criterion : torch.nn.Module
+        The net's criterion instance.
+    net_kind : str
+        ``"classifier"``, ``"binary_classifier"``, ``"regressor"`` or ``"net"``.
+
+    Returns
+    -------
+    loss : OutputLoss or None
+        A loss restricted to ``net_kind`` wins over one for any kind.
+    """
+    matches = [
+        cls
+        for cls in _REGISTRY.values()
+        if isinstance(criterion, cls.skorch_criteria)
+        and (cls.skorch_nets is None or net_kind in cls.skorch_nets)
+    ]
+    matches.sort(key=lambda cls: cls.skorch_nets is None)  # specific kinds first
+    return matches[0]() if matches else None

@@ -3,16 +3,19 @@
 Arrays in, numbers out: nothing here touches a model except
 :func:`fidelity_scorer`, which compares a fitted
 :class:`~sklearn_cif.ClusteredInfluenceEstimator` with the exact per-query
-reference on K-fold removal queries.
+reference on K-fold removal queries, on training data given explicitly.
 """
 
 import warnings
 
 import numpy as np
 from scipy import stats
-from sklearn.model_selection import KFold
+from sklearn.model_selection import KFold, check_cv
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils.validation import check_is_fitted
+
+from sklearn_cif._checks import check_data, data_fingerprint
+from sklearn_cif.gradients import take
 
 __all__ = ["agreement", "fidelity_scorer"]
 
@@ -68,36 +71,75 @@ def agreement(estimate, reference, *, n_bootstrap=1000, random_state=None):
     return out
 
 
-def fidelity_scorer(n_folds=20, *, effect="self", random_state=0):
-    """A scorer ``(estimator, X, y) -> Spearman`` of CiF against per-query IF.
+def _training_data(estimator, X, y, cv):
+    """The rows of (X, y) the estimator was fitted on, found by data fingerprint."""
+    X, y = check_data(X, y)
+    if data_fingerprint(X, y) == estimator.data_fingerprint_:
+        return X, y
+    if cv is not None:
+        for train, _ in check_cv(cv, y, classifier=False).split(X, y):
+            X_fit, y_fit = take(X, train), take(y, train)
+            if data_fingerprint(X_fit, y_fit) == estimator.data_fingerprint_:
+                return X_fit, y_fit
+    raise ValueError(
+        "fidelity_scorer: the estimator was fitted neither on the scorer's X, y "
+        "nor on a training split of its cv; pass the data and the cv used to fit it."
+    )
+
+
+def fidelity_scorer(
+    X, y, n_folds=20, *, cv=None, model=None, effect="self", random_state=0
+):
+    """A scorer ``(estimator, X_eval, y_eval) -> Spearman`` of CiF against per-query IF.
 
     The queries are the ``n_folds`` folds of a shuffled ``KFold`` over the
-    data the estimator was fitted on (the removals ``InfluenceCV`` predicts).
-    With ``effect="self"`` each fold's own loss change is compared; with
-    ``effect="eval"`` the change of the mean loss on the scorer's held-out
-    ``(X, y)``. The reference is a :class:`~sklearn_cif.PerQueryInfluence`
-    with the estimator's model, loss, damping and solver settings, solved for
-    all folds together. Use it as ``GridSearchCV(..., scoring=fidelity_scorer())``.
+    data the estimator was fitted on (the removals ``InfluenceCV``
+    predicts). That data is given explicitly (estimators keep no reference
+    to it): ``X, y`` themselves, or, inside a search, the training split of
+    ``cv`` whose data fingerprint matches the estimator's. The reference is
+    a :class:`~sklearn_cif.PerQueryInfluence` with the estimator's model,
+    loss, damping and solver settings, solved for all folds together.
+
+    Parameters
+    ----------
+    X, y : array-like or tensors
+        The data the scored estimators are fitted on, or that a search
+        splits with ``cv``.
+    n_folds : int, default=20
+        Removal queries per score.
+    cv : int, splitter or None, default=None
+        The search's ``cv`` (``GridSearchCV(..., cv=cv)``), to find the
+        training split of each scored estimator.
+    model : skorch net or torch.nn.Module, default=None
+        The trained model; ``None`` uses the estimator's ``model`` parameter.
+    effect : {"self", "eval"}, default="self"
+        ``"self"``: each fold's own loss change; ``"eval"``: the change of
+        the mean loss on the scorer's held-out ``(X_eval, y_eval)``.
+    random_state : int, default=0
+        Shuffles the folds.
+
+    Returns
+    -------
+    scorer : callable
+        For ``GridSearchCV(est, grid, scoring=fidelity_scorer(X, y, cv=cv),
+        cv=cv).fit(X, y)``.
     """
     if effect not in ("self", "eval"):
         raise ValueError(f"effect={effect!r}; expected 'self' or 'eval'.")
 
-    def score(estimator, X, y):
-        from sklearn_cif.estimator import PerQueryInfluence
+    def score(estimator, X_eval, y_eval):
+        from sklearn_cif._per_query import PerQueryInfluence
 
         check_is_fitted(estimator)
-        X_fit, y_fit = getattr(estimator, "_X", None), getattr(estimator, "_y", None)
-        if X_fit is None:
+        net = model if model is not None else estimator.model
+        if net is None:
             raise ValueError(
-                "fidelity_scorer needs the estimator's training data, which a "
-                "loaded (unpickled) estimator does not keep; refit it first."
+                "fidelity_scorer needs the model: set the estimator's model= "
+                "parameter or pass model= to fidelity_scorer."
             )
-        folds = [
-            te
-            for _, te in KFold(n_folds, shuffle=True, random_state=random_state).split(
-                np.empty(len(y_fit))
-            )
-        ]
+        X_fit, y_fit = _training_data(estimator, X, y, cv)
+        splitter = KFold(n_folds, shuffle=True, random_state=random_state)
+        folds = [te for _, te in splitter.split(np.empty(len(y_fit)))]
         ref = PerQueryInfluence(
             damping=estimator.damping,
             cg_tol=estimator.cg_tol,
@@ -107,8 +149,8 @@ def fidelity_scorer(n_folds=20, *, effect="self", random_state=0):
             params=estimator.params,
             device=estimator.device,
             query_mode="batched",
-        ).fit(estimator._get_fmodel().source_model, X_fit, y_fit)
-        args = () if effect == "self" else (X, y)
+        ).fit(net, X_fit, y_fit)
+        args = () if effect == "self" else (X_eval, y_eval)
         # Fidelity to per-query IF: compare like with like (first order).
         ours = estimator.loss_change(folds, *args, target="if")
         return float(stats.spearmanr(ours, ref.loss_change(folds, *args)).statistic)

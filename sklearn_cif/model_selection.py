@@ -17,39 +17,12 @@ from sklearn.metrics import check_scoring, make_scorer
 from sklearn.model_selection import check_cv
 from sklearn.utils.validation import check_is_fitted
 
-from sklearn_cif._fitting import check_data, data_fingerprint, is_model
-from sklearn_cif._subsets import subset_indicator
-from sklearn_cif.adapters import fingerprint_of
-from sklearn_cif.estimator import ClusteredInfluenceEstimator
+from sklearn_cif._checks import check_data, data_fingerprint
+from sklearn_cif._cif import ClusteredInfluenceEstimator
+from sklearn_cif.adapters import is_model
+from sklearn_cif.losses import get_loss
 
 __all__ = ["InfluenceCV", "influence_cross_validate"]
-
-_CLASSIFICATION = ("cross_entropy", "nll", "nll_proba", "bce_logits")
-
-
-def _softmax(z):
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
-def outputs_to_proba(outputs, loss_name):
-    """Class probabilities from predicted model outputs.
-
-    Logits (``cross_entropy``) and log-probabilities (``nll``) go through a
-    softmax; probabilities (``nll_proba``) are clipped to be positive and
-    renormalized (a linearized step can leave the simplex); a binary logit
-    (``bce_logits``) gives ``[1 - sigmoid, sigmoid]``.
-    """
-    if loss_name in ("cross_entropy", "nll"):
-        return _softmax(outputs)
-    if loss_name == "nll_proba":
-        p = np.clip(outputs, 1e-12, None)
-        return p / p.sum(1, keepdims=True)
-    if loss_name == "bce_logits":
-        s = 1.0 / (1.0 + np.exp(-outputs[:, 0]))
-        return np.stack([1 - s, s], axis=1)
-    raise ValueError(f"Outputs of a {loss_name!r} loss are not class scores.")
 
 
 class _HeldClassifier(ClassifierMixin, BaseEstimator):
@@ -89,9 +62,9 @@ class _HeldRegressor(RegressorMixin, BaseEstimator):
         return self.values
 
 
-def _holder(outputs, loss_name, classes):
-    if loss_name in _CLASSIFICATION:
-        return _HeldClassifier(outputs_to_proba(outputs, loss_name), classes)
+def _holder(outputs, loss, classes):
+    if loss.is_classifier:
+        return _HeldClassifier(loss.to_proba(outputs), classes)
     return _HeldRegressor(outputs[:, 0] if outputs.shape[1] == 1 else outputs)
 
 
@@ -115,17 +88,15 @@ def _with_labels(scorer, classes):
     )
 
 
-def _scorers(scoring, loss_name, classes=None):
+def _scorers(scoring, loss, classes=None):
     """``({name: scorer}, is_multimetric)`` following ``cross_validate``'s keys."""
-    template = _HeldClassifier() if loss_name in _CLASSIFICATION else _HeldRegressor()
+    template = _HeldClassifier() if loss.is_classifier else _HeldRegressor()
 
     def get(s):
         return _with_labels(check_scoring(template, s), classes)
 
     if scoring is None:
-        return {
-            "score": get("accuracy" if loss_name in _CLASSIFICATION else "r2")
-        }, False
+        return {"score": get("accuracy" if loss.is_classifier else "r2")}, False
     if isinstance(scoring, str) or callable(scoring):
         return {"score": get(scoring)}, False
     if isinstance(scoring, (list, tuple, set)):
@@ -138,11 +109,25 @@ def _scorers(scoring, loss_name, classes=None):
     )
 
 
-def _model_classes(model, n_outputs, loss_name):
+def _model_classes(model, n_outputs, loss):
     classes = getattr(model, "classes_", None)
     if classes is None:
-        classes = np.arange(2 if loss_name == "bce_logits" else n_outputs)
+        classes = np.arange(loss.n_classes(n_outputs))
     return np.asarray(classes)
+
+
+def _check_target_available(estimator, target):
+    """Reject, before any fitting, a target the estimator's parameters cannot give."""
+    if target != "auto" and target not in estimator.available_targets():
+        if target not in ("retrain", "if"):
+            raise ValueError(
+                f"target={target!r}; expected one of ['auto', 'retrain', 'if']."
+            )
+        raise ValueError(
+            f"target={target!r} is not available from {type(estimator).__name__} "
+            f"with these parameters; it gives {list(estimator.available_targets())} "
+            "(target='retrain' needs residual_correction='auto' or 'full')."
+        )
 
 
 class InfluenceCV(BaseEstimator):
@@ -251,13 +236,7 @@ class InfluenceCV(BaseEstimator):
 
     # -- fitting ------------------------------------------------------------
     def _fit_estimator(self, base, model, X, y):
-        fitted = hasattr(base, "model_fingerprint_")
-        if (
-            fitted
-            and base._fitted_with_current_params()  # no set_params since fit
-            and base.model_fingerprint_ == fingerprint_of(model)
-            and (base.data_fingerprint_ == data_fingerprint(X, y))
-        ):
+        if base.is_current(model, X, y):  # its cache answers for this model and data
             return base, 0.0
         start = time.perf_counter()
         est = clone(base).fit(model, X, y)
@@ -298,18 +277,17 @@ class InfluenceCV(BaseEstimator):
             if self.estimator is not None
             else ClusteredInfluenceEstimator()
         )
-        base._check_target_params(self.target)  # before any fitting
+        _check_target_available(base, self.target)  # before any fitting
         est, fit_time = self._fit_estimator(base, model, X, y)
-        ind = subset_indicator(tests, n)
-        eff = est._fold_effects(ind, self.target)
+        eff = est.fold_effects(tests, target=self.target)
         y_np = y.detach().cpu().numpy() if torch.is_tensor(y) else np.asarray(y)
-        n_out = eff.oof_outputs.shape[1]
-        classes = _model_classes(model, n_out, est.loss_name_)
-        scorers, multi = _scorers(self.scoring, est.loss_name_, classes)
-        results = self._score_folds(ind, eff, y_np, scorers, classes, est.loss_name_)
+        loss = get_loss(est.loss_name_)
+        classes = _model_classes(model, eff.oof_outputs.shape[1], loss)
+        scorers, multi = _scorers(self.scoring, loss, classes)
+        results = self._score_folds(eff, y_np, scorers, classes, loss)
         results.update(
             split=np.arange(len(tests)),
-            n_test=np.diff(ind.indptr),
+            n_test=np.diff(eff.fold_bounds),
             test_loss_in_sample=eff.loss_in_sample,
             delta_loss=eff.delta_loss,
             delta_loss_if=eff.delta_loss_if,
@@ -323,25 +301,27 @@ class InfluenceCV(BaseEstimator):
         self.fit_time_ = fit_time
         self.multimetric_ = multi
         self.scorer_names_ = [f"test_{name}" for name in scorers]
-        self.oof_indices_ = ind.indices.copy()
+        self.oof_indices_ = eff.oof_indices
         self.oof_outputs_ = eff.oof_outputs
         self.loss_name_ = est.loss_name_
-        self.classes_ = classes if est.loss_name_ in _CLASSIFICATION else None
+        self.classes_ = classes if loss.is_classifier else None
         self.n_samples_fit_ = n
         self.n_features_in_ = est.n_features_in_
         self.cv_results_ = results
         return self
 
-    def _score_folds(self, ind, eff, y, scorers, classes, loss_name):
-        scores = {name: np.empty(ind.shape[0]) for name in scorers}
-        score_time = np.empty(ind.shape[0])
-        for q in range(ind.shape[0]):
+    def _score_folds(self, eff, y, scorers, classes, loss):
+        n_folds = len(eff.fold_bounds) - 1
+        scores = {name: np.empty(n_folds) for name in scorers}
+        score_time = np.empty(n_folds)
+        for q in range(n_folds):
             start = time.perf_counter()
-            lo, hi = ind.indptr[q], ind.indptr[q + 1]
-            held = _holder(eff.oof_outputs[lo:hi], loss_name, classes)
-            X_placeholder = ind.indices[lo:hi, None]  # scorers only pass X through
+            lo, hi = eff.fold_bounds[q], eff.fold_bounds[q + 1]
+            members = eff.oof_indices[lo:hi]
+            held = _holder(eff.oof_outputs[lo:hi], loss, classes)
+            X_placeholder = members[:, None]  # scorers only pass X through
             for name, scorer in scorers.items():
-                scores[name][q] = scorer(held, X_placeholder, y[ind.indices[lo:hi]])
+                scores[name][q] = scorer(held, X_placeholder, y[members])
             score_time[q] = time.perf_counter() - start
         return {"score_time": score_time, **{f"test_{k}": v for k, v in scores.items()}}
 
@@ -384,7 +364,7 @@ class InfluenceCV(BaseEstimator):
             if method == "predict_proba":
                 raise ValueError("predict_proba needs a classification loss.")
             return out[:, 0] if out.shape[1] == 1 else out
-        proba = outputs_to_proba(out, self.loss_name_)
+        proba = get_loss(self.loss_name_).to_proba(out)
         return proba if method == "predict_proba" else self.classes_[proba.argmax(1)]
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "batched_cg",
     "block_cg",
     "randomized_eigh",
+    "spectral_preconditioner",
 ]
 
 
@@ -451,3 +452,41 @@ def randomized_eigh(
     for j, Qj in enumerate(blocks):
         evecs += W[offsets[j] : offsets[j + 1]].T @ Qj
     return evals[keep].to(like.dtype), evecs
+
+
+def spectral_preconditioner(matmat, n, damping, rank, seed, like, progress=None):
+    """``P ~ A^{-1}``: the top-``rank`` eigenpairs of ``A`` plus a scaled complement.
+
+    Parameters
+    ----------
+    matmat : callable
+        ``V (r, n) -> A V`` for the damped curvature ``A`` (PSD plus ``damping I``).
+    n : int
+        Dimension.
+    damping : float
+        The ``lambda`` in ``A``: a floor for the complement's eigenvalue.
+    rank : int
+        Eigenpairs kept (capped at ``n``).
+    seed : int
+        Seeds the starting block of :func:`randomized_eigh`.
+    like : torch.Tensor
+        Supplies dtype and device.
+    progress : tqdm bar or None
+
+    Returns
+    -------
+    precond : SpectralPreconditioner
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    # The last kept Ritz values must be accurate: when they fall short of the
+    # true eigenvalues 1/theta overshoots, and the Newton step of
+    # target="retrain" came out 1.10-1.31x the dense Newton step (logistic
+    # regression on 400 digits, rank 128, two power iterations). Block
+    # Krylov (8 blocks of rank/4) is accurate to ~5e-4 at the 128th value.
+    evals, evecs = randomized_eigh(
+        matmat, n, min(rank, n), generator=gen, like=like, progress=progress
+    )
+    k = min(rank, n)
+    # The first Ritz value beyond the kept ones bounds the rest of the spectrum.
+    tail = evals[k] if evals.numel() > k else evals[-1]
+    return SpectralPreconditioner(evals[:k], evecs[:k], max(float(tail), damping))

@@ -14,7 +14,7 @@ import torch
 from sklearn.base import clone
 from sklearn.utils import Bunch
 
-from sklearn_cif._fitting import check_data
+from sklearn_cif._checks import check_data
 from sklearn_cif.adapters import as_functional
 from sklearn_cif.metrics import agreement
 

@@ -1,0 +1,145 @@
+"""Validation of fit arguments, data and shared parameters (values in, values out)."""
+
+import hashlib
+import numbers
+
+import numpy as np
+import torch
+from sklearn.utils.validation import check_array, check_scalar
+
+from sklearn_cif.adapters import is_model
+from sklearn_cif.passes import n_rows
+
+__all__ = [
+    "check_data",
+    "check_inputs",
+    "check_model_data",
+    "check_solver_params",
+    "data_fingerprint",
+    "n_features",
+    "resolve_fit_args",
+]
+
+
+def resolve_fit_args(model_param, model, X, y):
+    """Accept both ``fit(model, X, y)`` and, with ``model=`` set, ``fit(X, y)``."""
+    if not is_model(model) and model_param is not None:
+        if y is not None:
+            raise TypeError(
+                "fit(X, y) got three positional arguments but the first is not a "
+                "model; call fit(model, X, y) or fit(X, y) with model= set."
+            )
+        model, X, y = model_param, model, X
+    if model is None:
+        raise TypeError(
+            "No model given: call fit(model, X, y) or set the `model` parameter and "
+            "call fit(X, y)."
+        )
+    if X is None:
+        raise TypeError("fit needs X and y (the data the model was trained on).")
+    return model, X, y
+
+
+def _check_tensor(t, name, min_dim):
+    if t.is_complex():
+        raise ValueError(f"Complex data not supported: {name} is a complex tensor.")
+    if t.dim() < min_dim:
+        raise ValueError(
+            f"Expected a {min_dim}-d (or higher) {name}, got a {t.dim()}-d tensor of "
+            f"shape {tuple(t.shape)}; reshape it to (n_samples, ...)."
+        )
+    if t.shape[0] == 0 or (min_dim == 2 and t[0].numel() == 0):
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); need >= 1 sample.")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"Input {name} contains NaN or infinity.")
+    return t
+
+
+def check_inputs(X):
+    """Validate X alone (see :func:`check_data`)."""
+    if torch.is_tensor(X):
+        return _check_tensor(X, "X", 2)
+    return check_array(X, dtype="numeric", allow_nd=True, input_name="X")
+
+
+def check_data(X, y):
+    """Validate X and y (arrays via ``check_array``, tensors alike), before any work.
+
+    X must be at least 2-d (N x features, or N x C x H x W), finite, real
+    and not sparse; y finite with one row per example. Integer X is kept as
+    is (token indices for embeddings); the module decides what it accepts.
+    """
+    X = check_inputs(X)
+    if y is None:
+        raise ValueError(
+            "This estimator requires y to be passed, but the target y is None: "
+            "influence needs the targets the model was trained on."
+        )
+    if torch.is_tensor(y):
+        y = _check_tensor(y, "y", 1)
+    else:
+        y = check_array(
+            y, dtype="numeric", ensure_2d=False, allow_nd=True, input_name="y"
+        )
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"X and y have inconsistent lengths: X has {X.shape[0]} rows, y has "
+            f"{y.shape[0]}."
+        )
+    return X, y
+
+
+def n_features(X):
+    """Features per example: ``prod(X.shape[1:])``."""
+    return int(np.prod(X.shape[1:]))
+
+
+def check_solver_params(damping, cg_tol, cg_maxiter, batch_size, curvature_samples):
+    """Validate the parameters every influence estimator shares."""
+    check_scalar(
+        damping, "damping", numbers.Real, min_val=0, include_boundaries="neither"
+    )
+    if not np.isfinite(damping):
+        raise ValueError(f"damping={damping} must be finite.")
+    check_scalar(
+        cg_tol, "cg_tol", numbers.Real, min_val=0, include_boundaries="neither"
+    )
+    if cg_maxiter is not None:
+        check_scalar(cg_maxiter, "cg_maxiter", numbers.Integral, min_val=1)
+    check_scalar(batch_size, "batch_size", numbers.Integral, min_val=1)
+    if curvature_samples is not None:
+        check_scalar(
+            curvature_samples, "curvature_samples", numbers.Integral, min_val=1
+        )
+
+
+def check_model_data(fmodel, X, y):
+    """Fail fast: X must fit the model and targets must fit its outputs.
+
+    One forward pass on a few examples catches a wrong feature shape; the
+    loss checks the targets against the number of outputs
+    (:meth:`~sklearn_cif.losses.OutputLoss.check_targets`).
+    """
+    probe = slice(0, min(n_rows(y, "y"), 8))
+    x, _ = fmodel.as_tensors(X[probe])
+    try:
+        with torch.no_grad(), fmodel.lock:
+            out = fmodel.forward(fmodel.theta, x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ValueError(
+            f"X of shape {tuple(X.shape)} does not fit the model: the forward pass "
+            f"failed with {type(exc).__name__}: {exc}"
+        ) from None
+    # a copy: y may be read-only
+    yt = y if torch.is_tensor(y) else torch.from_numpy(np.array(y))
+    fmodel.loss.check_targets(yt, out.shape[1] if out.dim() > 1 else 1)
+
+
+def data_fingerprint(*arrays):
+    """SHA-1 of the arrays' shapes, dtypes and bytes (to detect a stale cache)."""
+    h = hashlib.sha1()
+    for A in arrays:
+        a = A.detach().cpu().numpy() if torch.is_tensor(A) else np.asarray(A)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()

@@ -1,0 +1,186 @@
+"""Query kernels over a fitted :class:`~sklearn_cif._cache.CiFCache`.
+
+Every function takes the cache and validated subsets (a CSR ``(Q, N)``
+indicator or :class:`~sklearn_cif._subsets.SubsetRows`) and returns arrays:
+no model, no gradient, no solve. The estimator validates, resolves the
+target and delegates here. :class:`FoldEffects` is the documented result of
+``fold_effects``, the interface :class:`~sklearn_cif.InfluenceCV` consumes.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.utils import Bunch
+
+from sklearn_cif import _newton
+from sklearn_cif.gradients import iter_batches
+
+__all__ = [
+    "FoldEffects",
+    "error_bound",
+    "eval_effects",
+    "fold_effects",
+    "membership",
+    "param_change",
+    "self_effect",
+]
+
+# Above this many clusters, evaluation-set queries go through the sparse
+# membership matrix instead of dense per-block cluster counts.
+DENSE_COUNTS_MAX = 4096
+
+
+@dataclass(frozen=True)
+class FoldEffects:
+    """The predicted effect of removing each of ``Q`` subsets (CV test folds).
+
+    Attributes
+    ----------
+    target : str
+        What ``delta_loss`` and ``oof_outputs`` predict: ``"retrain"`` or
+        ``"if"`` (the resolved ``target``).
+    delta_loss : ndarray of shape (Q,)
+        Predicted change of each subset's own mean loss when it is removed.
+    delta_loss_if : ndarray of shape (Q,)
+        Its first-order (influence-function) part.
+    correction_share : ndarray of shape (Q,)
+        The share of ``delta_loss`` that the residual correction adds to
+        plain CiF (zeros for per-query influence).
+    param_change_norm : ndarray of shape (Q,)
+        First-order :math:`\\|\\widehat{\\Delta\\theta}_S\\|`.
+    loss_in_sample : ndarray of shape (Q,)
+        Each subset's mean loss at the fitted parameters.
+    fold_bounds : ndarray of shape (Q + 1,)
+        Subset ``q``'s members are ``oof_indices[fold_bounds[q]:fold_bounds[q + 1]]``.
+    oof_indices : ndarray of shape (nnz,)
+        Member indices, sorted within each subset.
+    oof_outputs : ndarray of shape (nnz, d)
+        Every member's predicted model output with its subset removed.
+    """
+
+    target: str
+    delta_loss: np.ndarray
+    delta_loss_if: np.ndarray
+    correction_share: np.ndarray
+    param_change_norm: np.ndarray
+    loss_in_sample: np.ndarray
+    fold_bounds: np.ndarray
+    oof_indices: np.ndarray
+    oof_outputs: np.ndarray
+
+
+def membership(cache, ind):
+    """Counts ``m_c(S)`` as a CSR ``(Q, C)`` matrix, indices sorted."""
+    n, c = cache.n_samples_fit, cache.n_clusters
+    onehot = sp.csr_matrix((np.ones(n), (np.arange(n), cache.labels)), shape=(n, c))
+    M = ind @ onehot
+    M.sort_indices()  # a fixed summation order in M @ responses
+    return M
+
+
+def param_change(cache, M):
+    """``(1/N) sum_c m_c(S) v_c`` for every row of the counts ``M``, ``(Q, p)``."""
+    return np.asarray(M @ cache.responses.astype(np.float64)) / cache.n_samples_fit
+
+
+def self_effect(cache, ind, M):
+    r"""Each subset's own loss change with the residual correction, and plain CiF's.
+
+    Per-query IF is :math:`a^\top H^{-1} a / (N m)` with
+    :math:`a = \sum_{i\in S} g_i = a_\mu + b` (cluster means plus
+    residuals). Plain CiF keeps :math:`a^\top H^{-1} a_\mu`. ``"cross"``
+    adds :math:`a_\mu^\top H^{-1} b` exactly from the cache (``A`` and
+    :math:`\mu_c^\top v_{c'}`); ``"full"`` also adds the diagonal of
+    :math:`b^\top H^{-1} b`, the self-influences ``self_influence_``.
+    """
+    N, m = cache.n_samples_fit, np.diff(ind.indptr)
+    T = np.asarray(ind @ cache.train_influence)  # (Q, C): sum_{i in S} g_i^T v_c
+    kept = (M * T).sum(1)
+    if cache.correction == "none":
+        return kept / (N * m), kept / (N * m)
+    cross = kept - np.einsum("qc,cd,qd->q", M, cache.mean_response_products, M)
+    diag = np.asarray(ind @ cache.self_influence).ravel()
+    return (kept + cross + diag) / (N * m), kept / (N * m)
+
+
+def _member_output_changes(cache, ind, M, chunk=2**16):
+    """First-order output change of every member, ``(nnz, d)``, in chunks.
+
+    ``(1/N) sum_c m_c(S) J(x_i) v_c``; chunks keep the ``(rows, C, d)``
+    temporaries bounded for many large subsets.
+    """
+    rows = np.repeat(np.arange(ind.shape[0]), np.diff(ind.indptr))
+    members = ind.indices
+    out = np.empty((members.size, cache.output_responses.shape[2]))
+    for sl in iter_batches(members.size, chunk):
+        out[sl] = np.einsum(
+            "nc,ncd->nd", M[rows[sl]], cache.output_responses[members[sl]]
+        )
+    return out / cache.n_samples_fit
+
+
+def fold_effects(cache, ind, target):
+    """Self effects of CSR subsets under a resolved ``target`` (:class:`FoldEffects`)."""
+    N = cache.n_samples_fit
+    M = np.asarray(membership(cache, ind).todense())
+    m = np.diff(ind.indptr)
+    gram_quad = np.einsum("qc,cd,qd->q", M, cache.response_gram, M)
+    d_out = _member_output_changes(cache, ind, M)
+    first, plain = self_effect(cache, ind, M)
+    delta = first
+    if target == "retrain":
+        delta, d_out = _newton.newton_effects(
+            ind,
+            first,
+            d_out,
+            N,
+            1.0 / cache.spectrum,
+            cache.complement,
+            cache.newton_features(),
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(delta != 0, 1 - plain / delta, 0.0)
+    return FoldEffects(
+        target=target,
+        delta_loss=delta,
+        delta_loss_if=first,
+        correction_share=share,
+        param_change_norm=np.sqrt(np.maximum(gram_quad, 0.0)) / N,
+        loss_in_sample=np.asarray(ind @ cache.train_loss).ravel() / m,
+        fold_bounds=ind.indptr.copy(),
+        oof_indices=ind.indices.copy(),
+        oof_outputs=cache.train_outputs[ind.indices] + d_out,
+    )
+
+
+def eval_effects(cache, rows, alpha):
+    """``(1/N) sum_c m_c(S) alpha_c`` for every subset of ``rows``, ``(Q,)``.
+
+    Read in cache-sized blocks of integer cluster counts (no ``(Q, N)``
+    matrix), or through the sparse membership for very many clusters.
+    """
+    if cache.n_clusters > DENSE_COUNTS_MAX:  # count blocks: mostly zeros
+        M = membership(cache, rows.indicator())
+        return np.asarray(M @ alpha).ravel() / cache.n_samples_fit
+    out = np.empty(rows.n_rows)
+    for q0, q1, counts in rows.cluster_counts(cache.labels, cache.n_clusters):
+        out[q0:q1] = counts @ alpha
+    return out / cache.n_samples_fit
+
+
+def error_bound(cache, m, damping):
+    r"""The paper's bound terms for subsets of size ``m`` (see ``error_bound``)."""
+    N = cache.n_samples_fit
+    lam = float(damping)
+    fpc = m * (N - m) / (N - 1) if N > 1 else 0.0
+    scatter = np.sqrt(fpc * cache.within_scatter) / (lam * N)
+    weights = cache.cluster_sizes / N
+    solver = (
+        m
+        / (lam * N)
+        * float(np.sum(weights * cache.cg_residuals * cache.cluster_mean_norms))
+    )
+    return Bunch(
+        scatter=float(scatter), solver=float(solver), total=float(scatter + solver)
+    )
