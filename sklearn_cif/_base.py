@@ -214,9 +214,10 @@ class BaseInfluence(BaseEstimator):
             )
         if fingerprint_of(model) != cache.model_fingerprint:
             raise ValueError(
-                "The model's parameters differ from those the cache was built "
-                "with (fingerprint mismatch): it was trained further, edited or "
-                "replaced. Restore those weights, or refit the estimator."
+                "The model's parameters changed since fit (fingerprint mismatch): "
+                "it was trained further, edited or replaced, so the cached "
+                "influences are stale. Restore the weights the cache was built "
+                "with (queries then work again), or refit the estimator."
             )
         with _BUILD_LOCK:
             fmodel = self.__dict__.get("_fmodel")

@@ -98,7 +98,8 @@ def _read_member(zf, info, check):
             raise ValueError(
                 f"header says {size} bytes, the file holds {info.file_size - header}"
             )
-        return npy_format.read_array(fh, allow_pickle=False).reshape(shape)
+        data = bytearray(fh.read(size))  # writable, no second copy
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _check_scalar(f, value):
@@ -188,8 +189,8 @@ def load_cache(path, class_name, cache_cls):
         raise ValueError(str(exc)) from None
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as exc:
         raise ValueError(
-            f"{path!s} is not a readable sklearn_cif cache (corrupt, truncated or "
-            f"foreign file: {exc})."
+            f"{path!s} is not a readable sklearn_cif cache (corrupt or truncated "
+            f"file, or not a cache: {exc})."
         ) from None
     dims = cache.dims() if hasattr(cache, "dims") else {}
     if dims and dims != meta["dims"]:

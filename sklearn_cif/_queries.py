@@ -121,7 +121,7 @@ def _member_output_changes(cache, ind, M, chunk=2**16):
 
 
 def fold_effects(cache, ind, target):
-    """Self effects of CSR subsets under a resolved ``target`` (:class:`FoldEffects`)."""
+    """Self effects of CSR subsets under a resolved target, as :class:`FoldEffects`."""
     N = cache.n_samples_fit
     M = np.asarray(membership(cache, ind).todense())
     m = np.diff(ind.indptr)

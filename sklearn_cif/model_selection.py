@@ -118,16 +118,17 @@ def _model_classes(model, n_outputs, loss):
 
 def _check_target_available(estimator, target):
     """Reject, before any fitting, a target the estimator's parameters cannot give."""
-    if target != "auto" and target not in estimator.available_targets():
-        if target not in ("retrain", "if"):
-            raise ValueError(
-                f"target={target!r}; expected one of ['auto', 'retrain', 'if']."
-            )
-        raise ValueError(
-            f"target={target!r} is not available from {type(estimator).__name__} "
-            f"with these parameters; it gives {list(estimator.available_targets())} "
-            "(target='retrain' needs residual_correction='auto' or 'full')."
-        )
+    available = estimator.available_targets()
+    if target == "auto" or target in available:
+        return
+    if target not in ("retrain", "if"):
+        raise ValueError(f"target={target!r}; expected one of ['auto', 'retrain', 'if'].")
+    raise ValueError(
+        f"target={target!r} is not available: {type(estimator).__name__} with "
+        f"these parameters gives first-order influence only ({list(available)}). "
+        "target='retrain' needs a ClusteredInfluenceEstimator with "
+        "residual_correction='auto' or 'full'."
+    )
 
 
 class InfluenceCV(BaseEstimator):

@@ -5,6 +5,7 @@ from _oracles import dense_ggn
 
 from sklearn_cif import CIFWarning
 from sklearn_cif.adapters import as_functional
+from sklearn_cif.passes import DataPasses
 from sklearn_cif.curvature import DampedGGNOperator
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -22,7 +23,7 @@ def test_ggn_matches_dense_classification(tiny_classification, loss):
     if loss == "nll_proba":
         net = torch.nn.Sequential(net, torch.nn.Softmax(-1))
     fm = as_functional(net, loss=loss, device="cpu")
-    op = DampedGGNOperator(fm, X, y, damping=0.1, batch_size=7)
+    op = DampedGGNOperator(DataPasses(fm, X, y, 7), damping=0.1)
     ref = dense_ggn(net, CASES[loss], X, y, 0.1)
     torch.testing.assert_close(op.to_dense(), ref, rtol=1e-10, atol=1e-12)
 
@@ -34,7 +35,7 @@ def test_ggn_matches_dense_mse_and_callable(tiny_regression):
     cubic = lambda z, t: ((z - t) ** 2).sum(1) + 0.1 * (z**4).sum(1)  # noqa: E731
     for loss, ref_loss in [("mse", mse), (cubic, cubic)]:
         fm = as_functional(net, loss=loss, device="cpu")
-        op = DampedGGNOperator(fm, X, y, damping=0.01, batch_size=10)
+        op = DampedGGNOperator(DataPasses(fm, X, y, 10), damping=0.01)
         ref = dense_ggn(net, ref_loss, X, y, 0.01)
         torch.testing.assert_close(op.to_dense(), ref, rtol=1e-10, atol=1e-12)
 
@@ -48,7 +49,7 @@ def test_bce_logits_matches_dense():
     X = torch.randn(20, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (20, 1)).double()
     fm = as_functional(net, loss="bce_logits", device="cpu")
-    op = DampedGGNOperator(fm, X, y, damping=0.05, batch_size=6)
+    op = DampedGGNOperator(DataPasses(fm, X, y, 6), damping=0.05)
 
     def ref_loss(z, t):
         return F.binary_cross_entropy_with_logits(z, t, reduction="none").mean(1)
@@ -67,7 +68,7 @@ def test_callable_with_indefinite_hessian_is_clipped():
     )
     concave = lambda z, t: -(z**2).sum(1)  # noqa: E731
     fm = as_functional(net, loss=concave, device="cpu")
-    op = DampedGGNOperator(fm, X, y, damping=0.5, batch_size=4)
+    op = DampedGGNOperator(DataPasses(fm, X, y, 4), damping=0.5)
     with pytest.warns(CIFWarning, match="10 of 10 examples") as record:
         dense = op.to_dense()
         op.matmat(torch.ones(8, dtype=torch.float64))  # reported once only
@@ -79,6 +80,6 @@ def test_operator_counts_products_and_passes(tiny_classification):
     # A block of r vectors costs one data pass and counts r products.
     net, X, y = tiny_classification
     fm = as_functional(net, loss="cross_entropy", device="cpu")
-    op = DampedGGNOperator(fm, X, y, damping=0.1, batch_size=100)
+    op = DampedGGNOperator(DataPasses(fm, X, y, 100), damping=0.1)
     op.matmat(torch.randn(4, fm.n_params, dtype=torch.float64))
-    assert (op.n_passes, op.n_products) == (1, 4)
+    assert (op.passes.n_passes, op.n_products) == (1, 4)

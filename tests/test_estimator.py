@@ -300,20 +300,22 @@ def test_eval_set_alpha_is_cached(tiny_classification):
     # gives the same answer; another evaluation set is computed afresh.
     from unittest import mock
 
-    import sklearn_cif._fitting as fitting_module
+    import sklearn_cif.passes as passes_module
 
     net, X, y = tiny_classification
     est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
     est.fit(net, X, y)
     first = est.loss_change(SUBSETS, X[:10], y[:10])
     with mock.patch.object(
-        fitting_module, "summed_grad", side_effect=AssertionError("gradient pass")
+        passes_module, "summed_grad", side_effect=AssertionError("gradient pass")
     ):
         np.testing.assert_array_equal(est.loss_change(SUBSETS, X[:10], y[:10]), first)
         with pytest.raises(AssertionError, match="gradient pass"):
             est.loss_change(SUBSETS, X[:12], y[:12])
     # a refit with other parameters drops the cached alphas
-    est.set_params(damping=1e-1).fit(net, X, y)
+    with pytest.raises(ValueError, match=r"damping=0.1 \(fitted with 0.001\)"):
+        est.set_params(damping=1e-1).loss_change(SUBSETS, X[:10], y[:10])
+    est.fit(net, X, y)
     ref = ClusteredInfluenceEstimator(
         4, loss="cross_entropy", random_state=0, damping=1e-1
     )
@@ -330,10 +332,10 @@ def test_eval_set_effect_is_param_change_times_eval_gradient(
     # Chunked cluster counts (loss_change) against the sparse membership path
     # (param_change) and a mean evaluation gradient from plain autograd, for
     # subsets in any order; shuffled indices give bitwise the same answer.
-    import sklearn_cif.estimator as estimator_module
+    import sklearn_cif._queries as queries_module
 
     if not dense_counts:  # the sparse membership path of very large C
-        monkeypatch.setattr(estimator_module, "_DENSE_COUNTS_MAX", 0)
+        monkeypatch.setattr(queries_module, "DENSE_COUNTS_MAX", 0)
     net, X, y = tiny_classification
     est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
     est.fit(net, X, y)

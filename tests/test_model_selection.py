@@ -20,9 +20,8 @@ from sklearn.model_selection import (
     cross_validate,
 )
 
-import sklearn_cif._cache as cache_module
-import sklearn_cif._fitting as fitting_module
-import sklearn_cif.estimator as estimator_module
+import sklearn_cif._build as build_module
+import sklearn_cif._per_query as per_query_module
 from sklearn_cif import (
     CIFWarning,
     ClusteredInfluenceEstimator,
@@ -31,6 +30,7 @@ from sklearn_cif import (
     influence_cross_validate,
 )
 from sklearn_cif.curvature import DampedGGNOperator
+from sklearn_cif.passes import DataPasses
 
 CE = lambda z, y: F.cross_entropy(z, y, reduction="none")  # noqa: E731
 N = 30
@@ -133,37 +133,43 @@ def test_one_cache_serves_many_cv_schemes(digits_model):
     est = ClusteredInfluenceEstimator(20, loss="cross_entropy", random_state=0).fit(
         net, X, y
     )
-    # every per-example gradient batch goes through _fitting.per_example_grads;
-    # every CG solve through solvers.block_cg (imported by two modules)
-    grads = mock.patch.object(
-        fitting_module, "per_example_grads", wraps=fitting_module.per_example_grads
-    )
-    solve_calls = []
+    # every loop over data goes through the data-pass layer (one pass: one
+    # map_rows, accumulate or group_sums call); every CG solve through
+    # solvers.block_cg (imported by the build and the per-query estimator)
+    passes = []
 
-    def counting(module):
-        original = module.block_cg
+    def counting(owner, name, log):
+        original = getattr(owner, name)
 
         def wrapper(*args, **kwargs):
-            solve_calls.append(module.__name__)
+            log.append(name)
             return original(*args, **kwargs)
 
-        return mock.patch.object(module, "block_cg", wrapper)
+        return mock.patch.object(owner, name, wrapper)
 
+    solves = []
+    patches = [
+        counting(DataPasses, "map_rows", passes),
+        counting(DataPasses, "accumulate", passes),
+        counting(DataPasses, "group_sums", passes),
+        counting(build_module, "block_cg", solves),
+        counting(per_query_module, "block_cg", solves),
+    ]
     products = mock.patch.object(
         DampedGGNOperator, "matmat", autospec=True, side_effect=DampedGGNOperator.matmat
     )
-    with grads as p, counting(estimator_module), counting(cache_module), products as m:
+    with products as m, patches[0], patches[1], patches[2], patches[3], patches[4]:
         for cv in (KFold(50), KFold(100), LeaveOneOut()):
             icv = InfluenceCV(est, cv=cv).fit(net, X, y)
             assert icv.estimator_ is est and icv.fit_time_ == 0.0
             assert len(icv.cv_results_["delta_loss"]) == cv.get_n_splits(X)
-        assert (p.call_count, len(solve_calls), m.call_count) == (0, 0, 0)
-        # an unfitted estimator is cloned and fitted: the counters move
+        assert (len(passes), len(solves), m.call_count) == (0, 0, 0)
+        # an unfitted estimator is cloned and fitted: the counters move, and
+        # count every pass the build reports; cluster solve + calibration solve
         fresh = InfluenceCV(ClusteredInfluenceEstimator(5, loss="cross_entropy"), cv=3)
         fresh.fit(net, X, y)
-        # cluster solve + calibration solve of the self-influence correction
-        assert p.call_count > 0 and len(solve_calls) == 2 and m.call_count > 0
-        assert fresh.estimator_ is not fresh.estimator
+        assert len(passes) == fresh.estimator_.n_data_passes_ and len(solves) == 2
+        assert m.call_count > 0 and fresh.estimator_ is not fresh.estimator
 
 
 def test_changed_model_or_data_is_not_reused(digits_model):
@@ -282,7 +288,7 @@ def test_grid_search_with_fidelity_scorer(digits_model):
     grid = GridSearchCV(
         est,
         {"n_clusters": [2, 40], "damping": [1e-2]},
-        scoring=fidelity_scorer(10),
+        scoring=fidelity_scorer(X, y, 10, cv=2),
         cv=2,
     )
     grid.fit(X, y)

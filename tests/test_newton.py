@@ -59,7 +59,7 @@ def test_woodbury_path_reproduces_the_dense_newton_step(
         random_state=0,
     ).fit(net, X, y)
     ref, ref_out = _dense_newton(net, loss_fn, X, y, FOLDS)
-    eff = est._fold_effects(subset_indicator(FOLDS, len(y)), "retrain")
+    eff = est.fold_effects(FOLDS, target="retrain")
     np.testing.assert_allclose(eff.delta_loss, ref, rtol=1e-8)
     np.testing.assert_allclose(est.loss_change(FOLDS), ref, rtol=1e-8)
     # FOLDS are sorted, so the reference lists members in CSR order

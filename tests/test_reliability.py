@@ -10,8 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.exceptions import NotFittedError
 
-import sklearn_cif._fitting as fitting_module
-from sklearn_cif import CIFWarning, ClusteredInfluenceEstimator, InfluenceCV
+import sklearn_cif.passes as passes_module
+from sklearn_cif import (
+    CIFWarning,
+    ClusteredInfluenceEstimator,
+    InfluenceCV,
+    __version__,
+)
 from sklearn_cif._subsets import subset_indicator
 
 N = 30
@@ -79,13 +84,17 @@ def test_bad_fit_input_raises_before_any_pass(tiny_classification, desc):
     params, data, exc, match = BAD_FITS[desc]
     good = _est().fit(net, X, y)
     answer = good.loss_change([np.arange(5)])
+    fitted_params = good.get_params()
     Xb, yb = data(X, y) if data else (X, y)
     with mock.patch.object(
-        fitting_module, "per_example_grads", side_effect=AssertionError("pass ran")
+        passes_module, "per_example_grads", side_effect=AssertionError("pass ran")
     ):
         with pytest.raises(exc, match=match):
             good.set_params(**params).fit(net, Xb, yb)
-    np.testing.assert_array_equal(good.loss_change([np.arange(5)]), answer)
+    # the cache answers for the parameters it was built with
+    np.testing.assert_array_equal(
+        good.set_params(**fitted_params).loss_change([np.arange(5)]), answer
+    )
 
 
 def test_not_a_model_raises(tiny_classification):
@@ -129,11 +138,12 @@ def test_keyboard_interrupt_leaves_previous_cache(tiny_classification):
     fresh = _est()
     for target in (est, fresh):
         with mock.patch.object(
-            fitting_module, "per_example_grads", side_effect=KeyboardInterrupt
+            passes_module, "per_example_grads", side_effect=KeyboardInterrupt
         ):
             with pytest.raises(KeyboardInterrupt):
                 target.set_params(n_clusters=3).fit(net, X, y)
     assert est.labels_ is labels
+    est.set_params(n_clusters=4)  # the cache answers for its own parameters
     np.testing.assert_array_equal(est.loss_change([np.arange(6)]), before)
     with pytest.raises(NotFittedError):
         fresh.param_change([0])
@@ -189,8 +199,8 @@ def test_save_load_round_trip_and_faults(tiny_classification, tmp_path):
     loaded.set_params(model=net)
     assert np.array_equal(loaded.transform(X, y), est.transform(X, y))
     assert loaded.score(X, y) == est.score(X, y)
-    with mock.patch("sklearn_cif.__version__", "0.0.0"):
-        with pytest.warns(CIFWarning, match="saved by sklearn_cif 0.1.0"):
+    with mock.patch("sklearn_cif._persistence.__version__", "0.0.0"):
+        with pytest.warns(CIFWarning, match=f"saved by sklearn_cif {__version__}"):
             ClusteredInfluenceEstimator.load(path)
     blob = path.read_bytes()
     (tmp_path / "cut.npz").write_bytes(blob[: len(blob) // 2])

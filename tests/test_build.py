@@ -5,8 +5,9 @@ import pytest
 import torch
 from _oracles import dense_ggn, loop_grads
 
-from sklearn_cif import ClusteredInfluenceEstimator, PerQueryInfluence, _cache
-from sklearn_cif._fitting import build_model
+from sklearn_cif import ClusteredInfluenceEstimator, PerQueryInfluence, _build
+from sklearn_cif.adapters import as_functional
+from sklearn_cif.passes import DataPasses
 
 LAM = 0.05
 CE = torch.nn.CrossEntropyLoss(reduction="none")
@@ -16,10 +17,9 @@ FOLDS = [np.arange(0, 6), np.array([3, 17, 21]), np.array([11])]
 def test_cluster_means_by_backward_match_per_example_gradients(tiny_classification):
     # mu_c from one backward per cluster batch equals the mean of loop gradients.
     net, X, y = tiny_classification
-    est = ClusteredInfluenceEstimator(4, loss="cross_entropy")
-    fmodel = build_model(est, net, X, y)
+    fmodel = as_functional(net, loss="cross_entropy", device="cpu")
     labels = np.random.default_rng(0).integers(0, 4, size=len(y))
-    means = _cache.cluster_means(fmodel, X, y, labels, 4, 7, None)
+    means = _build.cluster_means(DataPasses(fmodel, X, y, 7), labels, 4)
     g = loop_grads(net, CE, X, y)
     ref = torch.stack([g[labels == c].mean(0) for c in range(4)])
     torch.testing.assert_close(means, ref, rtol=1e-10, atol=1e-12)
@@ -67,20 +67,3 @@ def test_verbose_shows_a_bar_per_phase(tiny_classification, capfd):
         assert phase in err, phase
     ClusteredInfluenceEstimator(4, loss="cross_entropy", verbose=0).fit(net, X, y)
     assert capfd.readouterr().err == ""
-
-
-def test_gradient_batches_are_bounded_by_a_memory_budget(tiny_classification):
-    # A budget of 2 * p numbers means batches of 2 examples, same gradients.
-    from sklearn_cif._fitting import per_example_pass
-
-    net, X, y = tiny_classification
-    fmodel = build_model(ClusteredInfluenceEstimator(loss="cross_entropy"), net, X, y)
-    seen, rows = [], torch.zeros(len(y), fmodel.n_params, dtype=fmodel.dtype)
-
-    def consume(idx, G, _):
-        seen.append(idx.stop - idx.start)
-        rows[idx] = G
-
-    per_example_pass(fmodel, X, y, 256, consume, budget=2 * fmodel.n_params)
-    assert max(seen) == 2 and sum(seen) == len(y)
-    torch.testing.assert_close(rows, loop_grads(net, CE, X, y), rtol=1e-10, atol=1e-12)
