@@ -14,7 +14,8 @@ pytestmark = [
 
 def test_cuda_and_cpu_agree(digits):
     # The same fit on CUDA and on the CPU gives the same per-query effects and,
-    # for C = N, the same CiF effects (float64 on both devices).
+    # for C = N, the same first-order CiF effects (float64 on both devices;
+    # per-query IF is first order, so CiF is compared with target="if").
     X, y = digits
     X, y = X[:200].astype(np.float64), y[:200]
     torch.manual_seed(0)
@@ -32,5 +33,9 @@ def test_cuda_and_cpu_agree(digits):
         net, X, y
     )
     np.testing.assert_allclose(
-        cif.loss_change(folds), ref.loss_change(folds), rtol=1e-6
+        cif.loss_change(folds, target="if"), ref.loss_change(folds), rtol=1e-6
+    )
+    cpu = ClusteredInfluenceEstimator(200, device="cpu", random_state=0, **kw)
+    np.testing.assert_allclose(
+        cif.loss_change(folds), cpu.fit(net, X, y).loss_change(folds), rtol=1e-6
     )

@@ -1,12 +1,14 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _oracles import dense_ggn
+from _oracles import dense_ggn, loop_grads
 
-from sklearn_cif import CIFWarning
+from sklearn_cif import CIFWarning, ClusteredInfluenceEstimator, PerQueryInfluence
 from sklearn_cif.adapters import as_functional
+from sklearn_cif.curvature import DampedGGNOperator, make_curvature, register_curvature
 from sklearn_cif.passes import DataPasses
-from sklearn_cif.curvature import DampedGGNOperator
+from sklearn_cif.solvers import spectral_preconditioner
 
 EPS64 = torch.finfo(torch.float64).eps
 CASES = {
@@ -83,3 +85,58 @@ def test_operator_counts_products_and_passes(tiny_classification):
     op = DampedGGNOperator(DataPasses(fm, X, y, 100), damping=0.1)
     op.matmat(torch.randn(4, fm.n_params, dtype=torch.float64))
     assert (op.passes.n_passes, op.n_products) == (1, 4)
+
+
+@register_curvature("test_scaled_identity")
+class ScaledIdentity:
+    """``lambda I``: a curvature registered by this test file only."""
+
+    def __init__(self, passes, damping):
+        fm = passes.fmodel
+        self.n_params, self.dtype, self.device = fm.n_params, fm.dtype, fm.device
+        self.damping, self.n_products = float(damping), 0
+
+    def matmat(self, V):
+        self.n_products += V.shape[0] if V.dim() == 2 else 1
+        return self.damping * V
+
+
+def test_a_registered_curvature_is_used_end_to_end(tiny_classification):
+    # CiF and PerQueryInfluence solve with the operator named by curvature=:
+    # with lambda I and one cluster per example, Delta theta = sum g_i / (N lambda).
+    net, X, y = tiny_classification
+    kw = dict(loss="cross_entropy", damping=0.5, curvature="test_scaled_identity")
+    cif = ClusteredInfluenceEstimator(len(y), residual_correction="none", **kw)
+    pq = PerQueryInfluence(**kw)
+    folds = [np.arange(0, 6), np.array([3, 17, 21])]
+    g = loop_grads(net, torch.nn.CrossEntropyLoss(reduction="none"), X, y)
+    ref = torch.stack([g[f].sum(0) for f in folds]).numpy() / (len(y) * 0.5)
+    for est in (cif, pq):
+        np.testing.assert_allclose(
+            est.fit(net, X, y).param_change(folds), ref, rtol=1e-9, atol=1e-12
+        )
+
+
+def test_unknown_curvature_is_refused(tiny_classification):
+    # An unregistered name is refused by make_curvature and by fit, named.
+    net, X, y = tiny_classification
+    fm = as_functional(net, loss="cross_entropy", device="cpu")
+    with pytest.raises(ValueError, match="curvature='kfac'.*'ggn'"):
+        make_curvature("kfac", DataPasses(fm, X, y, 8), 0.1)
+    with pytest.raises(ValueError, match="curvature='kfac'"):
+        ClusteredInfluenceEstimator(4, loss="cross_entropy", curvature="kfac").fit(
+            net, X, y
+        )
+
+
+def test_spectral_preconditioner_takes_only_a_matmat(tiny_classification):
+    # The spectrum sees a plain function: its top eigenvalues match a dense
+    # eigendecomposition of the operator's matrix.
+    net, X, y = tiny_classification
+    fm = as_functional(net, loss="cross_entropy", device="cpu")
+    A = DampedGGNOperator(DataPasses(fm, X, y, 8), damping=0.1).to_dense()
+    dense = torch.linalg.eigvalsh(A).flip(0)
+    like = torch.empty(0, dtype=A.dtype)
+    P = spectral_preconditioner(lambda V: V @ A, A.shape[0], 0.1, 6, 0, like)
+    torch.testing.assert_close(P.evals, dense[:6], rtol=1e-8, atol=1e-10)
+    assert P.tail >= 0.1

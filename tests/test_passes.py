@@ -40,7 +40,9 @@ def test_accumulate_and_group_sums_against_a_loop(tiny_classification):
     fmodel = as_functional(net, loss="cross_entropy", device="cpu")
     passes = DataPasses(fmodel, X, y, 7)
     g = loop_grads(net, CE, X, y)
-    torch.testing.assert_close(passes.mean_gradient(), g.mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        passes.mean_gradient(), g.mean(0), rtol=1e-10, atol=1e-12
+    )
     groups = [np.array([3, 1, 20]), np.arange(10, 30)]
     sums = passes.group_sums(groups)
     ref = torch.stack([g[grp].sum(0) for grp in groups])

@@ -39,9 +39,25 @@ def test_countsketch_pickles_small_and_identical():
 
 
 def test_gaussian_sketch_never_builds_full_matrix():
-    # Blocks bound the live random matrix to block_size x k.
+    # The public call draws the random matrix in blocks of block_size x k
+    # (every torch.randn it makes is recorded), and equals the dense map.
+    from unittest import mock
+
     s = GaussianSketch(10_000, 8, 0, block_size=1000)
-    assert s._block(0, 1000, torch.float32, "cpu").shape == (1000, 8)
+    G = torch.randn(3, 10_000, dtype=torch.float64)
+    with mock.patch.object(torch, "randn", wraps=torch.randn) as draws:
+        out = s(G)
+    shapes = [call.args[:2] for call in draws.call_args_list]
+    assert len(shapes) == 10 and set(shapes) == {(1000, 8)}
+    dense = torch.cat(
+        [
+            torch.randn(
+                1000, 8, generator=torch.Generator().manual_seed(b), dtype=torch.float64
+            )
+            for b in range(10)
+        ]
+    )
+    torch.testing.assert_close(out, G @ dense / 8**0.5)
 
 
 def test_unknown_sketch_raises():

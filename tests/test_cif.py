@@ -352,3 +352,75 @@ def test_eval_set_effect_is_param_change_times_eval_gradient(
     np.testing.assert_array_equal(fast, got)
     with pytest.raises(ValueError, match=r"subsets\[1\] has duplicate"):
         est.loss_change([[0], [3, 3]], X[:10], y[:10])
+
+
+def _phase_interrupter(at):
+    """A stand-in for the build step ``_phase``: KeyboardInterrupt at call ``at``."""
+    import sklearn_cif._build as build_module
+
+    original, calls = build_module._phase, []
+
+    def phase(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == at + 1:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    return phase, calls
+
+
+def test_interrupt_at_every_phase_boundary_keeps_the_old_cache(
+    tiny_classification, monkeypatch
+):
+    # A refit on other data interrupted at the start of each phase, or after
+    # the whole build but before the install, leaves every answer bitwise
+    # those of the previous fit and the fitted attributes the same objects.
+    import sklearn_cif._build as build_module
+    import sklearn_cif._cif as cif_module
+
+    net, X, y = tiny_classification
+    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
+    est.fit(net, X, y)
+
+    def answers():
+        return [
+            est.loss_change(SUBSETS, target="if"),
+            est.loss_change(SUBSETS),
+            est.loss_change(SUBSETS, X[:9], y[:9]),
+            est.param_change(SUBSETS),
+            est.transform(X[:5], y[:5]),
+        ]
+
+    before, labels = answers(), est.labels_
+    recorder, phases = _phase_interrupter(-1)  # never interrupts: records
+    monkeypatch.setattr(build_module, "_phase", recorder)
+    ClusteredInfluenceEstimator(4, loss="cross_entropy").fit(net, X, y)
+    monkeypatch.undo()
+    assert phases[0] == "sketch" and phases[-1] == "newton" and len(phases) == 9
+    Xo, yo = X.flip(0), y.flip(0)  # other data: a completed fit would differ
+    for at in range(len(phases)):
+        phase, _ = _phase_interrupter(at)
+        monkeypatch.setattr(build_module, "_phase", phase)
+        with pytest.raises(KeyboardInterrupt):
+            est.fit(net, Xo, yo)
+        monkeypatch.undo()
+        for a, b in zip(answers(), before, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    def built_then_interrupted(*args, **kwargs):
+        build_module.build_cache(*args, **kwargs)
+        raise KeyboardInterrupt  # the last boundary: built, not installed
+
+    monkeypatch.setattr(cif_module, "build_cache", built_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        est.fit(net, Xo, yo)
+    monkeypatch.undo()
+    for a, b in zip(answers(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(
+        ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
+        .fit(net, Xo, yo)
+        .loss_change(SUBSETS),
+        before[1],
+    )
+    np.testing.assert_array_equal(est.labels_, labels)
