@@ -148,14 +148,15 @@ def run_model(name, net, X, y, folds, args):
     t0 = time.perf_counter()
     seq.loss_change(all_folds[: args.seq_folds])
     t_seq = (time.perf_counter() - t0) / args.seq_folds * len(all_folds)
-    in_sample = np.array(
-        [
-            pq._fmodel.losses(pq._fmodel.theta, *pq._fmodel.as_tensors(X[f], y[f]))
-            .mean()
-            .item()
-            for f in all_folds
-        ]
-    )
+    with torch.no_grad():  # each fold's mean loss at the fitted weights
+        in_sample = np.array(
+            [
+                F.cross_entropy(
+                    net(torch.as_tensor(X[f])), torch.as_tensor(y[f])
+                ).item()
+                for f in all_folds
+            ]
+        )
     rows = []
     refit_idx = np.arange(args.refits)
     actual = np.array([refit_delta(net, X, y, folds[50][i]) for i in refit_idx])

@@ -39,7 +39,6 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import KFold, ShuffleSplit
 
 from sklearn_cif import ClusteredInfluenceEstimator, PerQueryInfluence
-from sklearn_cif._subsets import subset_indicator
 
 LAM = 1e-3
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -137,8 +136,6 @@ def run(name, args):
     actual, refit_s = refits(name, net, X, y, fold_list)
     if args.refits_only:
         return None
-    n = len(y)
-    ind = subset_indicator(fold_list, n)
     kw = dict(loss="cross_entropy", damping=LAM, cg_tol=1e-8, device="cpu")
     preds, timing = {}, {}
     pq = PerQueryInfluence(query_mode="batched", **kw).fit(net, X, y)
@@ -148,16 +145,17 @@ def run(name, args):
     plain = ClusteredInfluenceEstimator(
         50, residual_correction="none", random_state=0, **kw
     ).fit(net, X, y)
-    preds["CiF plain (paper)"] = plain._fold_effects(ind, "if").delta_loss
+    preds["CiF plain (paper)"] = plain.fold_effects(fold_list, target="if").delta_loss
     t0 = time.perf_counter()
     est = ClusteredInfluenceEstimator(50, random_state=0, **kw).fit(net, X, y)
     build = time.perf_counter() - t0
-    preds["CiF corrected, target='if'"] = est._fold_effects(ind, "if").delta_loss
-    kfold = subset_indicator(fold_list[:150], n)
+    preds["CiF corrected, target='if'"] = est.fold_effects(
+        fold_list, target="if"
+    ).delta_loss
     t0 = time.perf_counter()
-    est._fold_effects(kfold, "retrain")
+    est.fold_effects(fold_list[:150], target="retrain")
     query = time.perf_counter() - t0
-    preds["CiF target='retrain' (default)"] = est._fold_effects(ind).delta_loss
+    preds["CiF target='retrain' (default)"] = est.fold_effects(fold_list).delta_loss
     rows = {k: scores(v, actual) for k, v in preds.items()}
     ranks = {}
     for rank in args.ranks:  # how the Newton estimate depends on correction_rank
@@ -167,7 +165,7 @@ def run(name, args):
         ).fit(net, X, y)
         ranks[rank] = {
             "build_s": time.perf_counter() - t0,
-            **scores(e._fold_effects(ind).delta_loss, actual),
+            **scores(e.fold_effects(fold_list).delta_loss, actual),
         }
     return {
         "p": est.n_params_,

@@ -76,8 +76,9 @@ def one_n(n):
 def big_p(full_build):
     import torch
 
-    from sklearn_cif import ClusteredInfluenceEstimator, _cache
-    from sklearn_cif._fitting import build_model
+    from sklearn_cif import ClusteredInfluenceEstimator
+    from sklearn_cif.adapters import as_functional
+    from sklearn_cif.passes import DataPasses
     from sklearn_cif.sketch import make_sketch
 
     n = 256
@@ -101,12 +102,14 @@ def big_p(full_build):
         device="cpu",
         random_state=0,
     )
-    fmodel = build_model(est, net, X, y)
+    fmodel = as_functional(net, loss="cross_entropy", device="cpu")
     p = fmodel.n_params
     base = _rss_mb()
     t0 = time.perf_counter()
     sketch = make_sketch("countsketch", p, 1024, 0)
-    _cache.sketch_pass(fmodel, X, y, sketch, 8, None)
+    DataPasses(fmodel, X, y, 8).map_rows(
+        lambda idx, G, _: {"S": sketch(G)}, gradients=True
+    )
     sketch_s = time.perf_counter() - t0
     sketch_peak = _rss_mb() - base
     res = {

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from sklearn_cif import ClusteredInfluenceEstimator
-from sklearn_cif._cache import spectral_preconditioner
+from sklearn_cif.adapters import as_functional
 from sklearn_cif.curvature import DampedGGNOperator
-from sklearn_cif.solvers import batched_cg, block_cg
+from sklearn_cif.passes import DataPasses
+from sklearn_cif.solvers import batched_cg, block_cg, spectral_preconditioner
 
 
 def main():
@@ -38,13 +39,15 @@ def main():
         50, loss="cross_entropy", damping=1e-3, random_state=0
     )
     est.fit(net, X, y)
-    fm = est._fmodel
+    fm = as_functional(net, loss="cross_entropy", device="cpu")
     # the cluster means, recovered exactly from v_c = H^-1 mu_c
-    op = DampedGGNOperator(fm, X, y, 1e-3, 256)
+    op = DampedGGNOperator(DataPasses(fm, X, y, 256), 1e-3)
     B = op.matmat(torch.as_tensor(est.responses_))
     t0 = time.perf_counter()
-    spec_op = DampedGGNOperator(fm, X, y, 1e-3, 256)
-    precond = spectral_preconditioner(spec_op, 64, 0)
+    spec_op = DampedGGNOperator(DataPasses(fm, X, y, 256), 1e-3)
+    precond = spectral_preconditioner(
+        spec_op.matmat, spec_op.n_params, 1e-3, 64, 0, B[:0]
+    )
     t_spec = time.perf_counter() - t0
     for name, P in (("plain CG", None), ("spectral PCG", precond)):
         rows = {}
@@ -54,14 +57,14 @@ def main():
             ("50 RHS batched", [B], batched_cg),
             ("50 single solves", list(B[:, None]), batched_cg),
         ):
-            op = DampedGGNOperator(fm, X, y, 1e-3, 256)
+            op = DampedGGNOperator(DataPasses(fm, X, y, 256), 1e-3)
             t0 = time.perf_counter()
             sols = [solve(op.matmat, b, 1e-5, precond=P) for b in rhs]
             iters = [s.n_iter.max() for s in sols]
             worst = max(s.residuals.max() for s in sols)
             rows[label] = (
                 time.perf_counter() - t0,
-                op.n_passes,
+                op.passes.n_passes,
                 op.n_products,
                 max(iters),
                 worst,
@@ -75,7 +78,7 @@ def main():
             )
     print(
         f"spectral preconditioner build (rank 64, block Krylov): {t_spec:.2f}s, "
-        f"{spec_op.n_passes} data passes, {spec_op.n_products} GGN products"
+        f"{spec_op.passes.n_passes} data passes, {spec_op.n_products} GGN products"
     )
 
 

@@ -27,6 +27,7 @@ from sklearn_cif._checks import (
     resolve_fit_args,
 )
 from sklearn_cif._newton import MAX_OUTPUTS
+from sklearn_cif._persistence import load_cache, save_cache
 from sklearn_cif._subsets import SubsetRows, subset_indicator
 from sklearn_cif.curvature import check_curvature
 from sklearn_cif.passes import n_rows
@@ -367,8 +368,6 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         path : str or path-like
             Where to write.
         """
-        from sklearn_cif._persistence import save_cache
-
         save_cache(self._check_fitted(), self.get_params(), type(self).__name__, path)
 
     @classmethod
@@ -389,8 +388,6 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         estimator : ClusteredInfluenceEstimator
             A fitted estimator without a model.
         """
-        from sklearn_cif._persistence import load_cache
-
         params, cache = load_cache(path, cls.__name__, CiFCache)
         unknown = sorted(set(params) - set(cls().get_params()))
         if unknown:

@@ -15,6 +15,7 @@ from sklearn.utils import Bunch, check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from sklearn_cif._checks import check_data, data_fingerprint
+from sklearn_cif._per_query import PerQueryInfluence
 from sklearn_cif.gradients import take
 
 __all__ = ["agreement", "fidelity_scorer"]
@@ -128,8 +129,6 @@ def fidelity_scorer(
         raise ValueError(f"effect={effect!r}; expected 'self' or 'eval'.")
 
     def score(estimator, X_eval, y_eval):
-        from sklearn_cif._per_query import PerQueryInfluence
-
         check_is_fitted(estimator)
         net = model if model is not None else estimator.model
         if net is None:

@@ -17,6 +17,7 @@ from sklearn.metrics import check_scoring, make_scorer
 from sklearn.model_selection import check_cv
 from sklearn.utils.validation import check_is_fitted
 
+from sklearn_cif._base import check_target
 from sklearn_cif._checks import check_data, data_fingerprint
 from sklearn_cif._cif import ClusteredInfluenceEstimator
 from sklearn_cif.adapters import is_model
@@ -121,8 +122,7 @@ def _check_target_available(estimator, target):
     available = estimator.available_targets()
     if target == "auto" or target in available:
         return
-    if target not in ("retrain", "if"):
-        raise ValueError(f"target={target!r}; expected one of ['auto', 'retrain', 'if'].")
+    check_target(target)
     raise ValueError(
         f"target={target!r} is not available: {type(estimator).__name__} with "
         f"these parameters gives first-order influence only ({list(available)}). "
