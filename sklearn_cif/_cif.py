@@ -479,7 +479,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         With an evaluation set the answer is
         :math:`\frac1N \sum_c m_c(S)\,\alpha_c` with
         :math:`\alpha_c = \bar g_V^\top v_c` computed once per evaluation set
-        and cached: each query costs O(|S| + C), read in cache-sized blocks
+        and cached: each query costs :math:`O(|S| + C)`, read in cache-sized blocks
         of queries with no ``(Q, N)`` matrix built.
         """
         cache = self._check_fitted()
@@ -542,7 +542,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
     def _eval_alpha(self, cache, X, y):
         """``alpha_c = g_V^T v_c`` for an evaluation set, cached per (cache, data).
 
-        Repeated queries against one evaluation set then cost O(|S| + C)
+        Repeated queries against one evaluation set then cost ``O(|S| + C)``
         each, with no model pass; the model fingerprint is still checked.
         """
         passes = self._eval_passes(X, y)  # refuses a model changed since fit
