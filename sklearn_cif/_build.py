@@ -9,6 +9,7 @@ matrix, and nothing here sees an estimator: the settings arrive as a
 :class:`BuildConfig` of plain values.
 """
 
+import dataclasses
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     cache : CiFCache
     """
     cfg, timer = config, Timer()
+    fingerprint = data_fingerprint(X, y)  # before any pass: fails fast
     passes = DataPasses(fmodel, X, y, cfg.batch_size)
     n = passes.n_samples
 
@@ -116,7 +118,7 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     return assemble(
         first, labels, means, sol, infl, scale, outs, feats, precond,
         curv_idx=curv_idx, op=op, passes=passes, cfg=cfg, timer=timer,
-        fmodel=fmodel, data=(X, y), settings=settings, seeds=seeds,
+        fmodel=fmodel, data=(X, fingerprint), settings=settings, seeds=seeds,
     )  # fmt: skip
 
 
@@ -132,7 +134,9 @@ def sketch_pass(passes, sketch, bar=None):
     """Pass 1: sketches ``S`` (N, k), squared norms ``||g_i||^2`` and losses."""
 
     def kernel(idx, G, ell):
-        return {"S": sketch(G), "sq_norms": (G * G).sum(1), "losses": ell}
+        # ||g||^2 in float64: finite gradients can square past float32's range
+        G64 = G.double()
+        return {"S": sketch(G), "sq_norms": (G64 * G64).sum(1), "losses": ell}
 
     return passes.map_rows(kernel, gradients=True, progress=bar)
 
@@ -193,7 +197,7 @@ def influence_pass(passes, V, means, labels, precond=None, bar=None):
 
     def kernel(idx, G, _):
         mu = means[lab[idx]]
-        part = {"A": G @ V.T, "g_mu": (G * mu).sum(1)}
+        part = {"A": G @ V.T, "g_mu": (G.double() * mu.double()).sum(1)}
         if precond is not None:
             part["d_raw"] = precond.quadratic_form(G - mu)
         return part
@@ -287,46 +291,73 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
     mean_sq = (means * means).sum(1).cpu().numpy()
     resid_sq = np.maximum(first["sq_norms"] - 2 * infl["g_mu"] + mean_sq[labels], 0)
     feats = feats or {}
-    X, y = kw["data"]
+    X, fingerprint = kw["data"]
     fmodel = kw["fmodel"]
-    return CiFCache(
-        labels=labels,
-        cluster_sizes=np.bincount(labels, minlength=n_clusters),
-        cluster_centers=cluster_centers,
-        explained_scatter=float(1 - within / total) if total > 0 else 1.0,
-        responses=sol.x.cpu().numpy(),
-        response_gram=(sol.x @ sol.x.T).cpu().numpy().astype(np.float64),
-        mean_response_products=(sol.x @ means.T).cpu().numpy().astype(np.float64),
-        cluster_mean_norms=np.sqrt(mean_sq),
-        train_influence=infl["A"],
-        train_loss=first["losses"],
-        train_outputs=outs["out"],
-        output_responses=outs["jv"],
-        residual_sq_norms=resid_sq,
-        within_scatter=float(resid_sq.mean()),
-        self_influence=scale * infl["d_raw"] if precond is not None else np.zeros(n),
-        correction_scale=float(scale),
-        correction=kw["cfg"].correction,
-        spectrum=None if precond is None else precond.evals.cpu().numpy(),
-        complement=None if precond is None else 1.0 / precond.tail,
-        jacobian_spectral=feats.get("F"),
-        jacobian_gram=feats.get("gram"),
-        output_hessians=feats.get("hess"),
-        residual_jacobian=feats.get("Jr"),
-        residual_spectral=feats.get("Ur"),
-        cg_residuals=sol.residuals,
-        n_iter=sol.n_iter,
-        curvature_indices=kw["curv_idx"],
-        loss_name=fmodel.loss.name,
-        n_clusters=n_clusters,
-        n_samples_fit=n,
-        n_features_in=n_features(X),
-        n_params=fmodel.n_params,
-        n_data_passes=kw["passes"].n_passes,
-        n_ggn_products=kw["op"].n_products,
-        timings=dict(kw["timer"]),
-        model_fingerprint=fmodel.fingerprint(),
-        data_fingerprint=data_fingerprint(X, y),
-        settings=kw["settings"],
-        seeds=tuple(kw["seeds"]),
+    return _check_finite(
+        CiFCache(
+            labels=labels,
+            cluster_sizes=np.bincount(labels, minlength=n_clusters),
+            cluster_centers=cluster_centers,
+            explained_scatter=float(1 - within / total) if total > 0 else 1.0,
+            responses=sol.x.cpu().numpy(),
+            response_gram=(sol.x @ sol.x.T).cpu().numpy().astype(np.float64),
+            mean_response_products=(sol.x @ means.T).cpu().numpy().astype(np.float64),
+            cluster_mean_norms=np.sqrt(mean_sq),
+            train_influence=infl["A"],
+            train_loss=first["losses"],
+            train_outputs=outs["out"],
+            output_responses=outs["jv"],
+            residual_sq_norms=resid_sq,
+            within_scatter=float(resid_sq.mean()),
+            self_influence=scale * infl["d_raw"]
+            if precond is not None
+            else np.zeros(n),
+            correction_scale=float(scale),
+            correction=kw["cfg"].correction,
+            spectrum=None if precond is None else precond.evals.cpu().numpy(),
+            complement=None if precond is None else 1.0 / precond.tail,
+            jacobian_spectral=feats.get("F"),
+            jacobian_gram=feats.get("gram"),
+            output_hessians=feats.get("hess"),
+            residual_jacobian=feats.get("Jr"),
+            residual_spectral=feats.get("Ur"),
+            cg_residuals=sol.residuals,
+            n_iter=sol.n_iter,
+            curvature_indices=kw["curv_idx"],
+            loss_name=fmodel.loss.name,
+            n_clusters=n_clusters,
+            n_samples_fit=n,
+            n_features_in=n_features(X),
+            n_params=fmodel.n_params,
+            n_data_passes=kw["passes"].n_passes,
+            n_ggn_products=kw["op"].n_products,
+            timings=dict(kw["timer"]),
+            model_fingerprint=fmodel.fingerprint(),
+            data_fingerprint=fingerprint,
+            settings=kw["settings"],
+            seeds=tuple(kw["seeds"]),
+        )
     )
+
+
+def _check_finite(cache):
+    """Refuse a cache with non-finite numbers: answers would be NaN silently."""
+    bad = [
+        f.name
+        for f in dataclasses.fields(cache)
+        if isinstance(getattr(cache, f.name), np.ndarray)
+        and getattr(cache, f.name).dtype.kind == "f"
+        and not np.all(np.isfinite(getattr(cache, f.name)))
+    ]
+    bad += [
+        name
+        for name in ("explained_scatter", "within_scatter", "correction_scale")
+        if not np.isfinite(getattr(cache, name))
+    ]
+    if bad:
+        raise FloatingPointError(
+            f"The fit produced non-finite values in {bad} (overflow in the "
+            "model's precision?); nothing was installed. Use float64 parameters, "
+            "rescale the model's outputs or increase `damping`."
+        )
+    return cache

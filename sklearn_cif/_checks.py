@@ -101,9 +101,12 @@ def check_solver_params(damping, cg_tol, cg_maxiter, batch_size, curvature_sampl
     )
     if not np.isfinite(damping):
         raise ValueError(f"damping={damping} must be finite.")
-    check_scalar(
-        cg_tol, "cg_tol", numbers.Real, min_val=0, include_boundaries="neither"
-    )
+    check_scalar(cg_tol, "cg_tol", numbers.Real)
+    if not 0 < cg_tol < 1:  # NaN fails too; at >= 1 CG would stop at x = 0
+        raise ValueError(
+            f"cg_tol={cg_tol} must lie in (0, 1): it is the relative residual "
+            "each solve must reach (e.g. 1e-5)."
+        )
     if cg_maxiter is not None:
         check_scalar(cg_maxiter, "cg_maxiter", numbers.Integral, min_val=1)
     check_scalar(batch_size, "batch_size", numbers.Integral, min_val=1)
@@ -136,10 +139,23 @@ def check_model_data(fmodel, X, y):
 
 
 def data_fingerprint(*arrays):
-    """SHA-1 of the arrays' shapes, dtypes and bytes (to detect a stale cache)."""
+    """SHA-1 of the arrays' shapes, dtypes and bytes (to detect a stale cache).
+
+    A tensor and the NumPy array of the same data share a fingerprint;
+    tensors of dtypes NumPy lacks (bfloat16) are hashed through their bytes.
+    """
     h = hashlib.sha1()
     for A in arrays:
-        a = A.detach().cpu().numpy() if torch.is_tensor(A) else np.asarray(A)
+        if torch.is_tensor(A):
+            t = A.detach().cpu().contiguous()
+            try:
+                a = t.numpy()
+            except TypeError:  # no NumPy dtype: hash the raw bytes
+                h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                continue
+        else:
+            a = np.asarray(A)
         h.update(f"{a.shape}{a.dtype}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()

@@ -579,6 +579,22 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         out = passes.map_rows(lambda idx, G, _: {"a": G @ V.T}, gradients=True)
         return out["a"]
 
+    def get_feature_names_out(self, input_features=None):
+        """Names of :meth:`transform`'s columns: one per cluster.
+
+        Parameters
+        ----------
+        input_features : None
+            Ignored (the columns are clusters, not input features).
+
+        Returns
+        -------
+        names : ndarray of str of shape (C,)
+            ``"cluster0"``, ``"cluster1"``, ...
+        """
+        cache = self._check_fitted()
+        return np.array([f"cluster{c}" for c in range(cache.n_clusters)], dtype=object)
+
     def score(self, X, y):
         """Fraction of the gradient scatter of (X, y) explained by the clusters.
 

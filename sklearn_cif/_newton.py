@@ -58,13 +58,25 @@ def _output_derivatives(fmodel, out, t):
     return e.reshape(b, d), H.reshape(d, b, d).permute(1, 2, 0)
 
 
+def _loop_jacobians(single, theta, x):
+    """Per-example Jacobians one example at a time (models vmap cannot trace)."""
+    rows = [jacrev(single)(theta, xi) for xi in x]
+    return {name: torch.stack([r[name] for r in rows]) for name in theta}
+
+
 def _jacobians(fmodel, x):
     """Per-example output Jacobians ``(b, d, p)``."""
 
     def single(theta, xi):
         return fmodel.forward(theta, xi[None])[0]
 
-    jac = vmap(jacrev(single), in_dims=(None, 0))(fmodel.theta, x)
+    if fmodel.grad_method == "loop":  # vmap cannot trace this model
+        jac = _loop_jacobians(single, fmodel.theta, x)
+    else:
+        try:
+            jac = vmap(jacrev(single), in_dims=(None, 0))(fmodel.theta, x)
+        except (RuntimeError, NotImplementedError, ValueError):
+            jac = _loop_jacobians(single, fmodel.theta, x)
     out_dims = next(iter(jac.values())).dim() - 1 - len(fmodel.shapes[0])
     flat = fmodel.flatten(jac, batch_dims=1 + out_dims)
     return flat.reshape(x.shape[0], -1, fmodel.n_params)

@@ -203,6 +203,13 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
     def _passes(self):
         """Passes over the training data and over the curvature's examples."""
         X, y = self._data
+        # held by reference: an in-place edit of X or y would change answers
+        if data_fingerprint(X, y) != self._cache.data_fingerprint:
+            raise ValueError(
+                "The training data X or y changed since fit (data fingerprint "
+                "mismatch; PerQueryInfluence reads them at every query). Restore "
+                "them or refit."
+            )
         passes = DataPasses(self._get_fmodel(), X, y, self.batch_size)
         idx = self._cache.curvature_indices
         return passes, passes if idx is None else passes.subset(idx)
@@ -355,6 +362,22 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         W = self._solve(curv, G_eval)  # (n, p): H^{-1} grad l(x_j)
         cols = passes.map_rows(lambda idx, G, _: {"c": (W @ G.T).T}, gradients=True)
         return np.ascontiguousarray(cols["c"].T)
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of :meth:`transform`'s columns: one per training example.
+
+        Parameters
+        ----------
+        input_features : None
+            Ignored (the columns are training examples, not input features).
+
+        Returns
+        -------
+        names : ndarray of str of shape (N,)
+            ``"train0"``, ``"train1"``, ...
+        """
+        cache = self._check_fitted()
+        return np.array([f"train{i}" for i in range(cache.n_samples_fit)], dtype=object)
 
     def available_targets(self):
         """The concrete targets of self effects: first order only.

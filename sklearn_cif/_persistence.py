@@ -139,12 +139,19 @@ def _read(path, class_name, cache_cls):
                 raise ValueError("metadata is not a byte string")
 
         meta = json.loads(bytes(_read_member(zf, members[f"{_META}.npy"], check_meta)))
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not a JSON object")
         if meta.get("format") != _FORMAT or meta.get("class") != class_name:
             raise TypeError(
                 f"{path!s} holds {meta.get('class')!r} in format "
                 f"{meta.get('format')!r}; expected a {class_name} cache in format "
                 f"{_FORMAT!r}."
             )
+        kinds = {"version": str, "params": dict, "dropped_params": list}
+        kinds.update(scalars=dict, dims=dict)
+        wrong = [k for k, kind in kinds.items() if not isinstance(meta.get(k), kind)]
+        if wrong:
+            raise ValueError(f"metadata lacks or mistypes {wrong}")
         fields = {f.name: f for f in dataclasses.fields(cache_cls)}
         unknown = sorted(
             set(members)
@@ -185,6 +192,8 @@ def load_cache(path, class_name, cache_cls):
     """
     try:
         meta, cache = _read(path, class_name, cache_cls)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No cache file at {path!s}.") from None
     except TypeError as exc:
         raise ValueError(str(exc)) from None
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as exc:

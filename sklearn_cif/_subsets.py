@@ -3,7 +3,7 @@
 Accepted forms (``N`` training examples, ``Q`` queries):
 
 - one index array (``Q = 1``);
-- a list/tuple of index arrays;
+- a list/tuple of index arrays or ``(N,)`` boolean masks;
 - a boolean mask of shape ``(N,)`` (``Q = 1``);
 - a ``(Q, N)`` 0/1 matrix, dense or ``scipy.sparse``.
 
@@ -29,20 +29,22 @@ _STAMP_SIZE = 1 << 20
 _BLOCK_ENTRIES = 1 << 20
 
 
-def _check_indices(idx, q):
+def _check_indices(idx, q, n_samples):
     arr = np.asarray(idx)
     if arr.ndim != 1:
         raise ValueError(
             f"subsets[{q}] must be a 1-d array of indices; got shape {arr.shape}."
         )
+    if arr.dtype == bool:  # a mask in a list of subsets
+        if arr.shape[0] != n_samples:
+            raise ValueError(
+                f"subsets[{q}] is a boolean mask of length {arr.shape[0]}; a mask "
+                f"must have length N={n_samples}."
+            )
+        arr = np.flatnonzero(arr)
     if arr.size == 0:
         raise ValueError(
             f"subsets[{q}] is empty; every subset needs at least one index."
-        )
-    if arr.dtype == bool:
-        raise ValueError(
-            f"subsets[{q}] is a boolean array inside a list; pass masks as a (Q, N) "
-            "0/1 matrix or one (N,) mask."
         )
     if arr.dtype.kind not in "iu":
         raise ValueError(
@@ -99,9 +101,11 @@ class SubsetRows:
             if len(subsets) == 0:
                 raise ValueError("subsets is an empty list; pass at least one subset.")
             if all(isinstance(s, numbers.Integral) for s in subsets):
-                pieces = [_check_indices(subsets, 0)]
+                pieces = [_check_indices(subsets, 0, n_samples)]
             else:
-                pieces = [_check_indices(s, q) for q, s in enumerate(subsets)]
+                pieces = [
+                    _check_indices(s, q, n_samples) for q, s in enumerate(subsets)
+                ]
         else:
             arr = np.asarray(subsets)
             if arr.dtype == bool and arr.ndim == 1:
@@ -110,7 +114,7 @@ class SubsetRows:
                         f"A boolean subset mask must have length N={n_samples}; "
                         f"got {arr.shape[0]}."
                     )
-                pieces = [_check_indices(np.flatnonzero(arr), 0)]
+                pieces = [_check_indices(arr, 0, n_samples)]
             elif arr.ndim == 2:
                 if arr.dtype != bool and not np.all(np.isin(arr, (0, 1))):
                     raise ValueError(
@@ -119,7 +123,7 @@ class SubsetRows:
                 self._set_matrix(_from_matrix(arr.astype(np.float64), n_samples))
                 return
             else:
-                pieces = [_check_indices(arr, 0)]
+                pieces = [_check_indices(arr, 0, n_samples)]
         self._pieces = pieces
         self.lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
         self.indptr = np.zeros(len(pieces) + 1, dtype=np.int64)

@@ -148,6 +148,12 @@ class FunctionalModel:
         else:
             names = [params] if isinstance(params, str) else list(params)
             unknown = [n for n in names if n not in named]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(
+                    f"params={params!r} names {repeated} more than once; each "
+                    "parameter may be listed once."
+                )
             if unknown or not names:
                 raise ValueError(
                     f"params={params!r} names unknown parameters {unknown}; expected "
@@ -170,6 +176,12 @@ class FunctionalModel:
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise TypeError(
                 f"All selected parameters must share one floating dtype; got {dtypes}."
+            )
+        if next(iter(dtypes)) not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"The model's parameters are {next(iter(dtypes))}; influence needs "
+                "float32 or float64 (conjugate gradient and the spectrum are not "
+                "reliable in half precision). Pass a float32 copy of the model."
             )
         self.dtype = dtypes.pop()
         self._source_ids = self._tensor_ids(module)

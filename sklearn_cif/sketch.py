@@ -14,7 +14,7 @@ the same map on every call and every device) and never hold a dense
 
 import torch
 
-__all__ = ["CountSketch", "GaussianSketch", "make_sketch"]
+__all__ = ["CountSketch", "GaussianSketch", "IdentitySketch", "make_sketch"]
 
 
 class CountSketch:
@@ -89,15 +89,36 @@ class GaussianSketch:
         return out
 
 
+class IdentitySketch:
+    """The exact gradients, ``s = g``: what a sketch of ``k >= p`` should be.
+
+    A JL map into at least as many dimensions as it starts from compresses
+    nothing and only adds distortion (and ``N x k`` memory: ``sketch_dim=1e5``
+    at ``p = 1,210`` took 4.6 GB), so :func:`make_sketch` returns this instead.
+    """
+
+    def __init__(self, n_features):
+        self.n_features = self.sketch_dim = int(n_features)
+
+    def __call__(self, G):
+        return G
+
+
 _SKETCHES = {"countsketch": CountSketch, "gaussian": GaussianSketch}
 
 
 def make_sketch(kind, n_features, sketch_dim, seed):
-    """Build the sketch named ``kind`` (``"countsketch"`` or ``"gaussian"``)."""
+    """Build the sketch named ``kind`` (``"countsketch"`` or ``"gaussian"``).
+
+    With ``sketch_dim >= n_features`` the exact gradients are clustered
+    (:class:`IdentitySketch`, ``n_features`` dimensions) whatever ``kind``.
+    """
     try:
         cls = _SKETCHES[kind]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(
             f"sketch={kind!r} is not supported; expected one of {sorted(_SKETCHES)}."
         ) from None
+    if sketch_dim >= n_features:
+        return IdentitySketch(n_features)
     return cls(n_features, sketch_dim, seed)
