@@ -227,11 +227,13 @@ class FunctionalModel:
 
     def as_tensors(self, X, y=None):
         """Move a data batch to the device; floating X gets the model dtype."""
-        # np.require copies a read-only batch (torch cannot wrap it safely)
+        # np.require copies a read-only batch (torch cannot wrap it safely);
+        # C order makes the kernels see the same layout whatever the user's
+        # (a Fortran-ordered copy of X gives bitwise the same answers)
         x = (
-            X
+            X.contiguous()
             if torch.is_tensor(X)
-            else torch.as_tensor(np.require(X, requirements="W"))
+            else torch.as_tensor(np.require(X, requirements=["W", "C"]))
         )
         if x.is_floating_point():
             x = x.to(self.dtype)

@@ -285,3 +285,204 @@ def test_param_change_is_additive_and_order_invariant(fitted_tiny, assignment, r
     d = fitted_tiny.param_change([S1, S2, union, shuffled])
     np.testing.assert_allclose(d[2], d[0] + d[1], rtol=1e-9, atol=1e-14)
     assert np.array_equal(d[2], d[3])
+
+
+# -- issue 15: one regression test per defect ---------------------------------------
+def _mlp32(scale=1.0):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+    )
+    with torch.no_grad():
+        net[2].weight.mul_(scale)
+        net[2].bias.mul_(scale)
+    return net
+
+
+def test_defect01_float32_overflow_raises(tiny_classification):
+    # Outputs x 1e20 in float32: finite gradients whose squares overflow are
+    # refused with FloatingPointError, not answered with NaN.
+    _, X, y = tiny_classification
+    X32 = X.float()
+    with pytest.raises(FloatingPointError, match="non-finite|not finite|overflow"):
+        _est().fit(_mlp32(1e20), X32, y)
+    est = _est().fit(_mlp32(), X32, y)  # the same model unscaled is fine
+    assert np.all(np.isfinite(est.loss_change([np.arange(5)])))
+
+
+@pytest.mark.parametrize("tol", [float("nan"), 1.0, 2.0, 0.0])
+def test_defect02_cg_tol_outside_0_1(tiny_classification, tol):
+    # cg_tol must lie in (0, 1) for both estimators.
+    from sklearn_cif import PerQueryInfluence
+
+    net, X, y = tiny_classification
+    for est in (_est(cg_tol=tol), PerQueryInfluence(loss="cross_entropy", cg_tol=tol)):
+        with pytest.raises(ValueError, match="cg_tol"):
+            est.fit(net, X, y)
+
+
+def test_defect03_memory_layout_does_not_change_the_fit(digits):
+    # A Fortran-ordered copy of X (the same data) gives the same clusters and
+    # bitwise the same answers.
+    X, y = digits
+    X, y = X[:300], y[:300]
+    net = _digits_net()
+    a = _est(n_clusters=10).fit(net, X, y)
+    b = _est(n_clusters=10).fit(net, np.asfortranarray(X), y)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    np.testing.assert_array_equal(
+        a.param_change([np.arange(9)]), b.param_change([np.arange(9)])
+    )
+
+
+def _digits_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10)
+    )
+
+
+@pytest.mark.parametrize(
+    "bad, match", [(2.5, "integer class indices"), (7, r"labels in \[.*7\]")]
+)
+def test_defect04_evaluation_labels_are_validated(tiny_classification, bad, match):
+    # Evaluation labels are checked like training labels, and a bad one does
+    # not switch the model to the slow per-example loop.
+    net, X, y = tiny_classification
+    est = _est().fit(net, X, y)
+    yb = y[:10].double().clone()
+    yb[3] = bad
+    for query in (
+        lambda: est.loss_change([np.arange(5)], X[:10], yb),
+        lambda: est.transform(X[:10], yb),
+    ):
+        with pytest.raises(ValueError, match=match):
+            query()
+    assert est._fmodel.grad_method == "auto"
+
+
+def test_defect05_final_residual_above_tol_warns(tiny_classification):
+    # A solve whose recomputed residual misses cg_tol warns, whatever the
+    # recursion believed (here: one curvature sample, tight tolerance).
+    from sklearn.exceptions import ConvergenceWarning
+
+    net, X, y = tiny_classification
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = _est(curvature_samples=1, cg_tol=1e-13).fit(net, X, y)
+    warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    assert warned == bool((est.cg_residuals_ > 1e-13).any())
+
+
+def test_defect06_duplicate_params_refused(tiny_classification):
+    # A parameter named twice is refused by name.
+    net, X, y = tiny_classification
+    with pytest.raises(ValueError, match=r"\['2.bias'\] more than once"):
+        _est(params=["2.bias", "2.bias"]).fit(net, X, y)
+
+
+class _Branchy(torch.nn.Module):
+    """Data-dependent control flow: vmap over examples cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        if bool((x.abs() > 1e6).any()):  # never true on the data
+            x = x.clamp(-1e6, 1e6)
+        return self.lin(x)
+
+
+def test_defect07_loop_fallback_covers_the_newton_features(tiny_classification):
+    # A model vmap cannot trace still gets the default target (Newton step),
+    # equal to the same linear model without the branch.
+    _, X, y = tiny_classification
+    branchy = _Branchy()
+    plain = torch.nn.Linear(4, 3).double()
+    plain.load_state_dict(branchy.lin.state_dict())
+    with pytest.warns(CIFWarning, match="falling back"):
+        a = _est(n_clusters=30).fit(branchy, X, y)
+    b = _est(n_clusters=30).fit(plain, X, y)
+    folds = [np.arange(0, 6), np.arange(6, 15)]
+    np.testing.assert_allclose(a.loss_change(folds), b.loss_change(folds), rtol=1e-8)
+
+
+def test_defect08_per_query_detects_changed_training_data(tiny_classification):
+    # PerQueryInfluence reads X at every query: an in-place edit is refused.
+    from sklearn_cif import PerQueryInfluence
+
+    net, X, y = tiny_classification
+    X = X.clone()
+    pq = PerQueryInfluence(loss="cross_entropy").fit(net, X, y)
+    pq.param_change([[0, 1]])
+    X[0, 0] += 1.0
+    with pytest.raises(ValueError, match="changed since fit"):
+        pq.param_change([[0, 1]])
+
+
+def test_defect09_load_contract_on_foreign_files(tiny_classification, tmp_path):
+    # Foreign files raise ValueError, a missing one FileNotFoundError.
+    import json
+
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    blob = np.frombuffer(json.dumps([1, 2]).encode(), np.uint8)
+    np.savez(tmp_path / "list.npz", __meta__=blob)
+    for name in ("plain.npy", "list.npz"):
+        with pytest.raises(ValueError, match="not a readable"):
+            ClusteredInfluenceEstimator.load(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="No cache file"):
+        ClusteredInfluenceEstimator.load(tmp_path / "missing.npz")
+
+
+def test_defect11_bfloat16_data_and_half_models(tiny_classification):
+    # bfloat16 X fits (cast to the model's dtype); half-precision models are
+    # refused up front with the fix.
+    net, X, y = tiny_classification
+    est = _est().fit(net.float(), X.to(torch.bfloat16), y)
+    ref = _est().fit(net.float(), X.to(torch.bfloat16).float(), y)
+    np.testing.assert_array_equal(est.labels_, ref.labels_)
+    net.double()
+    for dtype in (torch.bfloat16, torch.float16):
+        half = _mlp32().to(dtype)
+        with pytest.raises(TypeError, match="float32 or float64"):
+            _est().fit(half, X, y)
+
+
+def test_defect12_sketch_dim_above_p_clusters_exact_gradients(tiny_classification):
+    # sketch_dim >= p uses the exact gradients (k = p), not an N x k sketch.
+    net, X, y = tiny_classification
+    p = sum(t.numel() for t in net.parameters())
+    est = _est(sketch_dim=100_000).fit(net, X, y)
+    assert est.cluster_centers_.shape == (est.n_clusters_, p)
+
+
+def test_defect13_no_spurious_clipping_warning(tiny_classification):
+    # A callable cross-entropy (PSD output Hessian) raises no clipping warning.
+    import torch.nn.functional as F
+
+    net, X, y = tiny_classification
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CIFWarning)
+        _est(loss=lambda z, t: F.cross_entropy(z, t, reduction="none")).fit(net, X, y)
+
+
+def test_defect14_loss_modules_masks_and_set_output(tiny_classification):
+    # A torch loss module is accepted (known criteria map to the registered
+    # loss; others are evaluated per example); masks inside a list of
+    # subsets work; set_output gives named columns.
+    net, X, y = tiny_classification
+    ref = _est().fit(net, X, y)
+    mod = _est(loss=torch.nn.CrossEntropyLoss()).fit(net, X, y)
+    assert mod.loss_name_ == "cross_entropy"
+    smooth = _est(loss=torch.nn.CrossEntropyLoss(label_smoothing=0.1)).fit(net, X, y)
+    assert smooth.loss_name_ == "callable"
+    mask = np.zeros(len(y), dtype=bool)
+    mask[[1, 4, 9]] = True
+    np.testing.assert_array_equal(
+        ref.loss_change([mask, np.arange(3)]), ref.loss_change([[1, 4, 9], [0, 1, 2]])
+    )
+    pd = pytest.importorskip("pandas")
+    out = ref.set_output(transform="pandas").transform(X, y)
+    assert isinstance(out, pd.DataFrame) and list(out.columns)[0] == "cluster0"
