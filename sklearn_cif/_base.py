@@ -97,7 +97,7 @@ class BaseInfluence(BaseEstimator):
         return self.__dict__.get("_cache") is not None
 
     def get_params(self, deep=True):
-        """Parameters of this estimator; never recurses into ``model``.
+        """Get the parameters of this estimator; never recurse into ``model``.
 
         The model is carried, not tuned: exposing a skorch net's own
         parameters (``model__lr``...) would let tuning tools mutate the
@@ -111,6 +111,7 @@ class BaseInfluence(BaseEstimator):
         Returns
         -------
         params : dict
+            Parameter names mapped to their values.
         """
         return super().get_params(deep=False)
 

@@ -98,12 +98,12 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         Average the curvature ``G`` over this many seeded random training
         examples instead of all ``N`` (cheaper CG iterations and spectrum;
         gradients still use every example). ``None``: all examples.
-    device : str, default="auto"
-        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     curvature : str, default="ggn"
         The curvature operator, by its registered name: ``"ggn"`` is the
         damped mean generalized Gauss-Newton matrix
         :math:`\frac1N \sum_i J_i^\top H_i J_i + \lambda I`.
+    device : str, default="auto"
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     random_state : int, RandomState instance or None, default=None
         Seeds the sketch, k-means, the spectrum, the calibration sample and
         the curvature subsample (one named seed each).
@@ -398,7 +398,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
 
     # -- queries ---------
     def membership(self, subsets, *, assume_unique=False):
-        """Counts ``m_c(S)`` of each subset's members per cluster.
+        """Count each subset's members per cluster, ``m_c(S)``.
 
         Parameters
         ----------
@@ -445,7 +445,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
 
         Parameters
         ----------
-        subsets : list of index arrays, boolean masks or a (Q, N) indicator
+        subsets : list of index arrays or bool masks, or a (Q, N) indicator
             The subsets to remove.
         X, y : array-like, default=None
             With ``X=None`` the loss is each subset's own mean training loss
@@ -580,7 +580,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         return out["a"]
 
     def get_feature_names_out(self, input_features=None):
-        """Names of :meth:`transform`'s columns: one per cluster.
+        """Name :meth:`transform`'s columns: one per cluster.
 
         Parameters
         ----------

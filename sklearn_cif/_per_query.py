@@ -96,7 +96,17 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
 
     See Also
     --------
-    ClusteredInfluenceEstimator : one cache for any number of queries.
+    ClusteredInfluenceEstimator : One cache for any number of queries.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_cif import PerQueryInfluence
+    >>> X, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    >>> net = torch.nn.Linear(3, 2)
+    >>> pq = PerQueryInfluence(loss="cross_entropy").fit(net, X, y)
+    >>> pq.loss_change([[0, 1, 2], [5, 6]]).shape
+    (2,)
     """
 
     _pinned = ("loss", "params", "curvature_samples", "random_state")
@@ -364,7 +374,7 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         return np.ascontiguousarray(cols["c"].T)
 
     def get_feature_names_out(self, input_features=None):
-        """Names of :meth:`transform`'s columns: one per training example.
+        """Name :meth:`transform`'s columns: one per training example.
 
         Parameters
         ----------

@@ -22,8 +22,20 @@ class FoldEffectDisplay:
     Attributes
     ----------
     ax_ : matplotlib Axes
+        The axes drawn on.
     figure_ : matplotlib Figure
+        Their figure.
     lines_ : dict of str -> PathCollection
+        One scatter per prediction.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from sklearn_cif.plotting import FoldEffectDisplay
+    >>> disp = FoldEffectDisplay.from_predictions([0.1, 0.2, 0.4], [0.12, 0.18, 0.35])
+    >>> sorted(disp.lines_)
+    ['predicted']
     """
 
     def __init__(self, actual, predicted):
@@ -31,7 +43,18 @@ class FoldEffectDisplay:
         self.predicted = {k: np.asarray(v, dtype=float) for k, v in predicted.items()}
 
     def plot(self, ax=None):
-        """Scatter each prediction against ``actual`` with the ``y = x`` line."""
+        """Scatter each prediction against ``actual`` with the ``y = x`` line.
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, default=None
+            Where to draw; a new figure when ``None``.
+
+        Returns
+        -------
+        display : FoldEffectDisplay
+            ``self``, with ``ax_``, ``figure_`` and ``lines_``.
+        """
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -57,12 +80,40 @@ class FoldEffectDisplay:
 
     @classmethod
     def from_predictions(cls, actual, predicted, *, ax=None):
-        """Plot ``predicted`` (an array or a dict of arrays) against ``actual``."""
+        """Plot ``predicted`` (an array or a dict of arrays) against ``actual``.
+
+        Parameters
+        ----------
+        actual : array-like of shape (Q,)
+            Actual effects.
+        predicted : array-like of shape (Q,) or dict of str -> array-like
+            One prediction, or several by name.
+        ax : matplotlib Axes, default=None
+            Where to draw.
+
+        Returns
+        -------
+        display : FoldEffectDisplay
+            The plotted display.
+        """
         if not isinstance(predicted, dict):
             predicted = {"predicted": predicted}
         return cls(actual, predicted).plot(ax=ax)
 
     @classmethod
     def from_refit(cls, result, *, ax=None):
-        """Plot the result of :func:`~sklearn_cif.validation.refit_fold_effects`."""
+        """Plot the result of :func:`~sklearn_cif.validation.refit_fold_effects`.
+
+        Parameters
+        ----------
+        result : Bunch
+            With ``actual`` and ``predicted``, as ``refit_fold_effects`` returns.
+        ax : matplotlib Axes, default=None
+            Where to draw.
+
+        Returns
+        -------
+        display : FoldEffectDisplay
+            The plotted display.
+        """
         return cls(result.actual, result.predicted).plot(ax=ax)

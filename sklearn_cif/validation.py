@@ -55,6 +55,24 @@ def refit_fold_effects(net, X, y, folds, estimators, *, epochs=20, random_state=
         ``predicted`` dict name -> (Q,), ``agreement`` dict name -> the
         :func:`~sklearn_cif.metrics.agreement` of the prediction with
         ``actual`` (with bootstrap intervals when Q >= 3).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from sklearn_cif import ClusteredInfluenceEstimator
+    >>> from sklearn_cif.validation import refit_fold_effects
+    >>> X = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
+    >>> y = (X[:, 0] > 0).astype(np.int64)
+    >>> net = NeuralNetClassifier(
+    ...     torch.nn.Linear(3, 2), criterion=torch.nn.CrossEntropyLoss,
+    ...     max_epochs=5, train_split=None, verbose=0,
+    ... ).fit(X, y)
+    >>> est = ClusteredInfluenceEstimator(10, random_state=0)
+    >>> res = refit_fold_effects(net, X, y, [np.arange(5), np.arange(5, 10)],
+    ...                          {"cif": est}, epochs=2)
+    >>> res.actual.shape, res.predicted["cif"].shape
+    ((2,), (2,))
     """
     X, y = check_data(X, y)
     folds = [np.asarray(f) for f in folds]

@@ -331,3 +331,20 @@ def test_joblib_round_trip_bitwise_and_cuda_cache_on_cpu(digits_model, tmp_path)
             t = loaded.estimator_.transform(X[:5], y[:5])
     est.set_params(device="auto")
     np.testing.assert_array_equal(t, est.transform(X[:5], y[:5]))
+
+
+def test_cv_results_fit_time_and_metrics_attribute(tiny_classification):
+    # cv_results_ has fit_time like cross_validate's (the build shared evenly,
+    # zero when the cache is reused), and sklearn_cif.metrics needs no import.
+    import sklearn_cif
+
+    net, X, y = tiny_classification
+    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
+    icv = InfluenceCV(est, cv=KFold(5)).fit(net, X, y)
+    times = icv.cv_results_["fit_time"]
+    assert (
+        times.shape == (5,) and np.allclose(times.sum(), icv.fit_time_) and times[0] > 0
+    )
+    again = InfluenceCV(icv.estimator_, cv=KFold(3)).fit(net, X, y)
+    np.testing.assert_array_equal(again.cv_results_["fit_time"], np.zeros(3))
+    assert callable(sklearn_cif.metrics.fidelity_scorer)
