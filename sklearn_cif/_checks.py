@@ -55,11 +55,21 @@ def _check_tensor(t, name, min_dim):
     return t
 
 
+def _check_array(A, name, **kwargs):
+    """``check_array`` with one message for non-finite values, as for tensors."""
+    try:
+        return check_array(A, dtype="numeric", allow_nd=True, input_name=name, **kwargs)
+    except ValueError as exc:
+        if "NaN" in str(exc) or "infinity" in str(exc):
+            raise ValueError(f"Input {name} contains NaN or infinity.") from None
+        raise
+
+
 def check_inputs(X):
     """Validate X alone (see :func:`check_data`)."""
     if torch.is_tensor(X):
         return _check_tensor(X, "X", 2)
-    return check_array(X, dtype="numeric", allow_nd=True, input_name="X")
+    return _check_array(X, "X")
 
 
 def check_data(X, y):
@@ -78,9 +88,7 @@ def check_data(X, y):
     if torch.is_tensor(y):
         y = _check_tensor(y, "y", 1)
     else:
-        y = check_array(
-            y, dtype="numeric", ensure_2d=False, allow_nd=True, input_name="y"
-        )
+        y = _check_array(y, "y", ensure_2d=False)
     if X.shape[0] != y.shape[0]:
         raise ValueError(
             f"X and y have inconsistent lengths: X has {X.shape[0]} rows, y has "

@@ -13,6 +13,7 @@ allocated; it never unpickles.
 import dataclasses
 import json
 import numbers
+import tokenize
 import warnings
 import zipfile
 
@@ -196,7 +197,18 @@ def load_cache(path, class_name, cache_cls):
         raise FileNotFoundError(f"No cache file at {path!s}.") from None
     except TypeError as exc:
         raise ValueError(str(exc)) from None
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as exc:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        KeyError,
+        ValueError,
+        NotImplementedError,  # a damaged zip directory (compression, flags)
+        RuntimeError,  # an "encrypted" member
+        RecursionError,  # absurdly nested metadata
+        tokenize.TokenError,  # an unparsable .npy header
+        SyntaxError,
+    ) as exc:
         raise ValueError(
             f"{path!s} is not a readable sklearn_cif cache (corrupt or truncated "
             f"file, or not a cache: {exc})."

@@ -100,7 +100,7 @@ class SubsetRows:
         if isinstance(subsets, (list, tuple)):
             if len(subsets) == 0:
                 raise ValueError("subsets is an empty list; pass at least one subset.")
-            if all(isinstance(s, numbers.Integral) for s in subsets):
+            if all(isinstance(s, numbers.Number) for s in subsets):  # one subset
                 pieces = [_check_indices(subsets, 0, n_samples)]
             else:
                 pieces = [

@@ -243,7 +243,7 @@ class FunctionalModel:
         t = (
             y
             if torch.is_tensor(y)
-            else torch.as_tensor(np.require(y, requirements="W"))
+            else torch.as_tensor(np.require(y, requirements=["W", "C"]))
         )
         return x, self.loss.prepare_target(t.to(self.device), self.dtype)
 

@@ -129,6 +129,11 @@ class ClassIndexLoss(OutputLoss):
     is_classifier = True
 
     def check_targets(self, y, n_outputs):
+        if y.dim() != 1:
+            raise ValueError(
+                f"y must be a 1-d array of class indices for loss={self.name!r}; "
+                f"got shape {tuple(y.shape)} (pass y.ravel())."
+            )
         if y.is_floating_point() and not bool((y == y.round()).all()):
             raise ValueError(
                 f"y must hold integer class indices for loss={self.name!r}."
