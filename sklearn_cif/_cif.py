@@ -458,12 +458,8 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             first-order influence-function effect the paper targets.
             ``"auto"`` is ``"retrain"`` when fit cached its features
             (``residual_correction`` ``"auto"``/``"full"``) and the loss
-            makes it its default (``cross_entropy``, ``nll``, ``mse``,
-            ``bce_logits``); else ``"if"``. (With ``"nll_proba"``, skorch's
-            softmax module, the curvature split at the probabilities makes
-            the Newton step overshoot on misclassified examples; ask for
-            ``"retrain"`` explicitly only after checking it against real
-            refits.)
+            makes it its default (every built-in loss: ``cross_entropy``,
+            ``nll``, ``nll_proba``, ``mse``, ``bce_logits``); else ``"if"``.
         assume_unique : bool, default=False
             Skip the check for repeated indices within a subset (as in
             :meth:`membership`); saves about half of an evaluation-set

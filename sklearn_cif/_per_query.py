@@ -322,13 +322,17 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
 
             def kernel(idx, x, t, q=q):
                 out, jv = output_jvp(fm, x, dtheta[q][None])
-                flat = (out + jv[0]).reshape(x.shape[0], -1)
-                return {"out": flat, "loss": fm.loss.value(out, t)}
+                b = x.shape[0]
+                return {
+                    "out": out.reshape(b, -1),
+                    "jv": jv[0].reshape(b, -1),
+                    "loss": fm.loss.value(out, t),
+                }
 
             rows = passes.subset(ind.indices[ind.indptr[q] : ind.indptr[q + 1]])
             part = rows.map_rows(kernel, dtype=None)
             losses[q] = float(torch.as_tensor(part["loss"]).sum()) / m[q]
-            outputs.append(part["out"])
+            outputs.append(fm.loss.linearized(part["out"], part["jv"]))
         delta = ((sums / mt[:, None]) * dtheta).sum(1).cpu().numpy()
         return FoldEffects(
             target=target,

@@ -15,6 +15,7 @@ from sklearn.utils import Bunch
 
 from sklearn_cif import _newton
 from sklearn_cif.gradients import iter_batches
+from sklearn_cif.losses import get_loss
 
 __all__ = [
     "FoldEffects",
@@ -150,7 +151,9 @@ def fold_effects(cache, ind, target):
         loss_in_sample=np.asarray(ind @ cache.train_loss).ravel() / m,
         fold_bounds=ind.indptr.copy(),
         oof_indices=ind.indices.copy(),
-        oof_outputs=cache.train_outputs[ind.indices] + d_out,
+        oof_outputs=get_loss(cache.loss_name).linearized(
+            cache.train_outputs[ind.indices], d_out
+        ),
     )
 
 

@@ -165,8 +165,7 @@ class InfluenceCV(BaseEstimator):
         ``"if"``: the first-order influence-function effect. ``"auto"`` is
         ``"retrain"`` whenever the estimator provides it for its loss (see
         :meth:`ClusteredInfluenceEstimator.loss_change`), else ``"if"``
-        (``PerQueryInfluence`` is first order; skorch's softmax + NLL
-        ``"nll_proba"`` stays first order by default).
+        (``PerQueryInfluence`` is first order).
 
     Attributes
     ----------
@@ -365,8 +364,10 @@ class InfluenceCV(BaseEstimator):
         Parameters
         ----------
         method : {"output", "predict", "predict_proba"}, default="output"
-            Raw predicted outputs ``f(x) + J(x) dtheta`` ``(N, d)``, labels or
-            values, or class probabilities.
+            Raw predicted outputs ``f(x) + J(x) dtheta`` ``(N, d)`` (for a
+            probability output, ``nll_proba``, the log-probabilities
+            ``log f(x) + J(x) dtheta / f(x)``), labels or values, or class
+            probabilities.
 
         Returns
         -------

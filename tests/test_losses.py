@@ -130,7 +130,7 @@ def test_loss_knowledge_of_the_builtin_losses():
     assert facts == {
         "cross_entropy": (True, True),
         "nll": (True, True),
-        "nll_proba": (True, False),
+        "nll_proba": (True, True),
         "mse": (False, True),
         "bce_logits": (True, True),
     }

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from _oracles import dense_influence
 
 skorch = pytest.importorskip("skorch")
+from sklearn.model_selection import KFold  # noqa: E402
 from skorch import NeuralNetBinaryClassifier, NeuralNetClassifier, NeuralNetRegressor  # noqa: E402
 
 from sklearn_cif import ClusteredInfluenceEstimator, InfluenceCV  # noqa: E402
@@ -43,7 +44,7 @@ def _net(kind):
     torch.manual_seed(0)
     if kind == "nll_proba":  # skorch's default: NLLLoss on softmax probabilities
         return NeuralNetClassifier(MLP, module__head=torch.nn.Softmax(-1), **common), (
-            lambda z, y: F.nll_loss(torch.log(z + EPS), y, reduction="none")
+            lambda z, y: F.cross_entropy(z, y, reduction="none")  # on the logits
         )
     if kind == "cross_entropy":
         return NeuralNetClassifier(
@@ -76,8 +77,11 @@ def test_skorch_net_end_to_end_matches_dense(kind):
     est = ClusteredInfluenceEstimator(
         N, damping=0.05, cg_tol=1e-12, random_state=0
     ).fit(net, X64, y64)
+    # skorch's NLL on probabilities splits the curvature at the
+    # log-probabilities: its oracle is the same body's logits with CE
+    oracle = net.module_.body if kind == "nll_proba" else net.module_
     ref, _, _ = dense_influence(
-        net.module_,
+        oracle,
         oracle_loss,
         torch.as_tensor(X64),
         torch.as_tensor(y64),
@@ -86,9 +90,9 @@ def test_skorch_net_end_to_end_matches_dense(kind):
     )
     pred = est.param_change(subsets)
     assert np.linalg.norm(pred - ref.numpy()) / np.linalg.norm(ref.numpy()) < 1e-6
-    # the Newton step is the default except for NLL on softmax probabilities
+    # the Newton step is the default for every kind
     icv = InfluenceCV(est, cv=3).fit(net, X64, y64)
-    assert icv.target_ == ("if" if kind == "nll_proba" else "retrain")
+    assert icv.target_ == "retrain"
     net.module_.float()
     assert all(torch.equal(before[k], v) for k, v in net.module_.state_dict().items())
 
@@ -130,3 +134,25 @@ def test_cnn_skorch_on_digit_images(digits):
     )
     assert np.all(np.isfinite(est.loss_change([np.arange(20)])))
     assert est.transform(X[:5], y[:5]).shape == (5, est.n_clusters_)
+
+
+def test_default_classifier_agrees_with_the_logits_model():
+    # skorch's softmax + NLLLoss gets the Newton step by default, and its
+    # answers (delta loss, accuracy, log loss) agree with the same body
+    # written with logits and cross-entropy.
+    X, y = _data("nll_proba")
+    net, _ = _net("nll_proba")
+    net.set_params(max_epochs=30).fit(X, y)
+    kw = dict(n_clusters=8, damping=1e-2, random_state=0)
+    scoring = ["accuracy", "neg_log_loss"]
+    cv = KFold(5)
+    a = InfluenceCV(ClusteredInfluenceEstimator(**kw), cv=cv, scoring=scoring)
+    a.fit(net, X, y)
+    logits = ClusteredInfluenceEstimator(loss="cross_entropy", **kw)
+    b = InfluenceCV(logits, cv=cv, scoring=scoring).fit(net.module_.body, X, y)
+    assert a.target_ == b.target_ == "retrain"
+    for key in ("delta_loss", "delta_loss_if", "test_neg_log_loss"):
+        np.testing.assert_allclose(a.cv_results_[key], b.cv_results_[key], rtol=1e-3)
+    np.testing.assert_array_equal(
+        a.cv_results_["test_accuracy"], b.cv_results_["test_accuracy"]
+    )
