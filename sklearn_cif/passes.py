@@ -214,9 +214,13 @@ class DataPasses:
         """
         fm = self.fmodel
         sums = torch.zeros(len(groups), fm.n_params, dtype=fm.dtype, device=fm.device)
+        own = self.rows()
         with fm.lock:
             self._counter.n_passes += 1
             for g, members in enumerate(groups):
+                members = np.asarray(members)
+                if own != slice(0, self.n_samples):  # a shard: its members only
+                    members = members[(members >= own.start) & (members < own.stop)]
                 for sl in iter_batches(members.size, self.batch_size):
                     rows = members[sl]
                     x, t = fm.as_tensors(take(self.X, rows), take(self.y, rows))

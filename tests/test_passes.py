@@ -88,6 +88,12 @@ class _ShardedPasses(DataPasses):
             total += super().accumulate(kernel, torch.zeros_like(out))
         return out.add_(total)
 
+    def group_sums(self, groups, *, progress=None):
+        parts = []
+        for self.shard in (0, 1):
+            parts.append(super().group_sums(groups))
+        return parts[0] + parts[1]
+
 
 def test_rows_and_reduce_hooks_shard_a_sum(tiny_classification):
     # Overriding rows/accumulate (the multi-process seam) gives the same sum.
@@ -95,6 +101,10 @@ def test_rows_and_reduce_hooks_shard_a_sum(tiny_classification):
     fmodel = as_functional(net, loss="cross_entropy", device="cpu")
     full = DataPasses(fmodel, X, y, 4).mean_gradient()
     sharded = _ShardedPasses(fmodel, X, y, 4).mean_gradient()
+    torch.testing.assert_close(sharded, full, rtol=1e-12, atol=1e-14)
+    groups = [np.array([0, 20, 29]), np.arange(5, 25)]  # across the shard border
+    full = DataPasses(fmodel, X, y, 4).group_sums(groups)
+    sharded = _ShardedPasses(fmodel, X, y, 4).group_sums(groups)
     torch.testing.assert_close(sharded, full, rtol=1e-12, atol=1e-14)
 
 
