@@ -82,6 +82,10 @@ def save_cache(cache, params, class_name, path):
 
 def _read_member(zf, info, check):
     """Read one ``.npy`` member after ``check(shape, dtype)`` accepts its header."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        # save writes stored members: their sizes are the bytes in the file,
+        # while a compressed one could inflate to any size
+        raise ValueError(f"{info.filename} is compressed; a cache is not")
     with zf.open(info) as fh:
         version = npy_format.read_magic(fh)
         if version == (1, 0):

@@ -118,3 +118,16 @@ def test_bad_scalars_and_missing_fields_are_refused(saved, tmp_path):
     bad["__meta__.npy"] = _npy(np.frombuffer(json.dumps(meta).encode(), np.uint8))
     with pytest.raises(ValueError, match="unknown parameters"):
         ClusteredInfluenceEstimator.load(_write(tmp_path / "param.npz", bad))
+
+
+def test_compressed_members_are_refused(saved, tmp_path):
+    # A cache rewritten with deflate-compressed members is refused: a
+    # compressed member's size is not the bytes the file holds.
+    _, path = saved
+    members = _members(path)
+    bad = tmp_path / "deflated.npz"
+    with zipfile.ZipFile(bad, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+    with pytest.raises(ValueError, match="not a readable.*compressed"):
+        ClusteredInfluenceEstimator.load(bad)
