@@ -166,6 +166,10 @@ class InfluenceCV(BaseEstimator):
         ``"retrain"`` whenever the estimator provides it for its loss (see
         :meth:`ClusteredInfluenceEstimator.loss_change`), else ``"if"``
         (``PerQueryInfluence`` is first order).
+    verbose : int, default=0
+        When positive, a cache built by ``fit`` shows its phases (progress
+        bars with tqdm, else one line per phase on stderr). A build longer
+        than a few seconds stays silent at 0, as scikit-learn's do.
 
     Attributes
     ----------
@@ -203,11 +207,12 @@ class InfluenceCV(BaseEstimator):
     (6,)
     """
 
-    def __init__(self, estimator=None, cv=5, scoring=None, target="auto"):
+    def __init__(self, estimator=None, cv=5, scoring=None, target="auto", verbose=0):
         self.estimator = estimator
         self.cv = cv
         self.scoring = scoring
         self.target = target
+        self.verbose = verbose
 
     # -- splitter protocol ------------------------------------------------------
     def _check_cv(self, y=None):
@@ -270,7 +275,10 @@ class InfluenceCV(BaseEstimator):
         if base.is_current(model, X, y):  # its cache answers for this model and data
             return base, 0.0
         start = time.perf_counter()
-        est = clone(base).fit(model, X, y)
+        est = clone(base)
+        if self.verbose:  # show the build's phases (the cache does not depend on it)
+            est.set_params(verbose=self.verbose)
+        est.fit(model, X, y)
         return est, time.perf_counter() - start
 
     def fit(self, model, X=None, y=None, groups=None):
@@ -415,6 +423,7 @@ def influence_cross_validate(
     estimator=None,
     return_indices=False,
     target="auto",
+    verbose=0,
 ):
     """Drop-in for :func:`sklearn.model_selection.cross_validate`, without retraining.
 
@@ -440,6 +449,8 @@ def influence_cross_validate(
         Add ``indices`` = ``{"train": [...], "test": [...]}``.
     target : {"auto", "retrain", "if"}, default="auto"
         What the scores predict, as in :class:`InfluenceCV`.
+    verbose : int, default=0
+        Show the cache build's phases, as in :class:`InfluenceCV`.
 
     Returns
     -------
@@ -461,9 +472,9 @@ def influence_cross_validate(
     """
     if not isinstance(return_indices, (bool, np.bool_, numbers.Integral)):
         raise TypeError(f"return_indices must be a bool; got {return_indices!r}.")
-    icv = InfluenceCV(estimator=estimator, cv=cv, scoring=scoring, target=target).fit(
-        model, X, y, groups
-    )
+    icv = InfluenceCV(
+        estimator=estimator, cv=cv, scoring=scoring, target=target, verbose=verbose
+    ).fit(model, X, y, groups)
     res = icv.cv_results_
     out = {"fit_time": res["fit_time"], "score_time": res["score_time"]}
     out.update({key: res[key] for key in icv.scorer_names_})

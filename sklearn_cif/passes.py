@@ -18,6 +18,7 @@ subclass that owns a shard of the rows overrides :meth:`DataPasses.rows`,
 consumer above this layer stays as it is.
 """
 
+import sys
 import time
 from contextlib import contextmanager
 
@@ -257,17 +258,24 @@ class Timer(dict):
 
 @contextmanager
 def progress_bar(verbose, total, desc):
-    """A tqdm bar when ``verbose > 0`` and tqdm is installed, else ``None``."""
-    bar = None
+    """A tqdm bar when ``verbose > 0`` and tqdm is installed, else ``None``.
+
+    Without tqdm (an optional extra), ``verbose > 0`` still prints one line
+    per phase to stderr, with its duration.
+    """
+    bar, start = None, time.perf_counter()
     if verbose:
         try:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc=desc, leave=False)
-        except ImportError:  # tqdm is an optional extra
-            bar = None
+        except ImportError:
+            print(f"[sklearn_cif] {desc} ...", file=sys.stderr, flush=True)
     try:
         yield bar
     finally:
         if bar is not None:
             bar.close()
+        elif verbose:
+            seconds = time.perf_counter() - start
+            print(f"[sklearn_cif] {desc} done in {seconds:.1f} s", file=sys.stderr)

@@ -67,3 +67,34 @@ def test_verbose_shows_a_bar_per_phase(tiny_classification, capfd):
         assert phase in err, phase
     ClusteredInfluenceEstimator(4, loss="cross_entropy", verbose=0).fit(net, X, y)
     assert capfd.readouterr().err == ""
+
+
+def test_verbose_without_tqdm_prints_phase_lines(tiny_classification, capfd):
+    # Without tqdm installed, verbose=1 still reports every phase on stderr;
+    # InfluenceCV(verbose=1) shows the build of the cache it fits.
+    import builtins
+    from unittest import mock
+
+    from sklearn.model_selection import KFold
+
+    from sklearn_cif import InfluenceCV
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):
+        if name.startswith("tqdm"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    net, X, y = tiny_classification
+    with mock.patch.object(builtins, "__import__", no_tqdm):
+        InfluenceCV(
+            ClusteredInfluenceEstimator(4, loss="cross_entropy"), cv=KFold(3), verbose=1
+        ).fit(net, X, y)
+    err = capfd.readouterr().err
+    for phase in ("sketch", "means", "spectrum", "CG", "influence", "newton"):
+        assert f"[sklearn_cif] {phase} done in" in err, phase
+    InfluenceCV(ClusteredInfluenceEstimator(4, loss="cross_entropy"), cv=3).fit(
+        net, X, y
+    )
+    assert capfd.readouterr().err == ""
