@@ -8,7 +8,7 @@
    (C = 50), and sklearn's ``cross_validate`` on the very same folds (50 real
    skorch refits from scratch): wall time of each, ratio.
 3. For the first ``--folds-retrain`` folds, a warm-started float64 LBFGS
-   retraining on the removal objective of DESIGN §1 ((1/N) sum_{i not in S}
+   retraining on the removal objective of doc/developer.rst ((1/N) sum_{i not in S}
    l_i + lambda/2 ||theta||^2): the held-out loss change that first-order
    influence targets.
 4. Per fold: predicted test_loss (CiF and exact per-query IF) next to both

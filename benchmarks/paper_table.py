@@ -16,7 +16,7 @@ the reference values come from the batched mode, same tolerance). Spearman
 (95% bootstrap CI) within each K and pooled, and median ratio, for the
 first-order ``delta_loss`` (``target="if"``, what per-query IF computes) and
 ``test_loss``. Then agreement with actual refits (warm-started float64 LBFGS
-on the removal objective of DESIGN §1) on ``--refits`` folds of KFold(50).
+on the removal objective of doc/developer.rst) on ``--refits`` folds of KFold(50).
 Adam leaves the model short of the optimum the refits start from, and a
 refit's change then mixes the fold's removal with that drift (on synth20k
 every estimate got a negative Spearman against it), so by default float64

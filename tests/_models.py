@@ -7,7 +7,7 @@ import torch.nn.functional as F
 def trained_mlp(X, y, hidden, weight_decay, epochs):
     """A 64-hidden-10 tanh MLP, full-batch Adam with L2 ``weight_decay``.
 
-    Near the optimum of the regularized objective of DESIGN §1 with
+    Near the optimum of the regularized objective of doc/developer.rst with
     ``lambda = weight_decay``.
     """
     Xt, yt = torch.as_tensor(X), torch.as_tensor(y)

@@ -11,7 +11,7 @@ LAM = 1e-3
 
 
 def _objective(net, X, y, weights):
-    # (1/N) sum_i w_i l_i + (lambda/2) ||theta||^2  (DESIGN §1)
+    # (1/N) sum_i w_i l_i + (lambda/2) ||theta||^2  (doc/developer.rst)
     losses = F.cross_entropy(net(X), y, reduction="none")
     reg = sum((p * p).sum() for p in net.parameters())
     return (weights * losses).sum() / len(y) + 0.5 * LAM * reg

@@ -19,7 +19,7 @@ class SumFeatures(torch.nn.Module):
 
 MODEL = SumFeatures().double()
 
-FIT_SIGNATURE = "fit(model, X, y) is the DESIGN contract; fit(X, y) works with model="
+FIT_SIGNATURE = "fit(model, X, y) is the API contract; fit(X, y) works with model="
 MODEL_HASH = (
     "compares joblib.hash of the model with a deepcopy of it, which differs for any "
     "torch module; test_model_is_never_mutated checks the bytes and flags instead"
