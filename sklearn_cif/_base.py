@@ -10,6 +10,7 @@ attributes, pins the parameters the cache was built with and resolves the
 import numbers
 import threading
 
+import numpy as np
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils.validation import check_is_fitted
 
@@ -24,7 +25,13 @@ from sklearn_cif.adapters import as_functional, fingerprint_of, module_of
 from sklearn_cif.losses import get_loss
 from sklearn_cif.passes import DataPasses
 
-__all__ = ["BaseInfluence", "TARGETS", "check_target", "fitted_views"]
+__all__ = [
+    "BaseInfluence",
+    "TARGETS",
+    "canonical_param",
+    "check_target",
+    "fitted_views",
+]
 
 TARGETS = ("auto", "retrain", "if")
 
@@ -51,6 +58,49 @@ def _token(value):
         return [_token(v) for v in value]
     name = getattr(value, "__qualname__", type(value).__name__)
     return f"<{'callable ' if callable(value) else ''}{name}>"
+
+
+def canonical_param(name, value):
+    """Equivalent spellings of shared parameters merged.
+
+    ``cg_maxiter=None`` is 1000 and ``params="w"`` is ``["w"]``.
+    """
+    if name == "cg_maxiter" and value is None:
+        return 1000
+    if name == "params" and isinstance(value, str):
+        return [value]
+    return value
+
+
+def _plain(value):
+    """Lists, tuples and arrays as nested tuples; NumPy scalars as Python ones."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _same_value(old, new):
+    """Whether a pinned parameter still has its fitted value.
+
+    The same object, or equal plain values; objects without a meaningful
+    ``==`` (functions, modules, generators) compare by identity.
+    """
+    if old is new:
+        return True
+    try:
+        return bool(_plain(old) == _plain(new))
+    except Exception:  # an ``==`` that does not give one bool (tensors...)
+        return False
+
+
+def _describe(value):
+    """A short description of a parameter value for error messages."""
+    token = _token(value)
+    if isinstance(token, str) and token.startswith("<"):
+        return f"{token} at {id(value):#x}"
+    return token
 
 
 def fitted_views(cache_cls, names):
@@ -85,7 +135,7 @@ class BaseInfluence(BaseEstimator):
 
     _pinned = ()
     # Device state and the model are not pickled: a saved cache is arrays only.
-    _not_pickled = ("_fmodel", "_fit_model")
+    _not_pickled = ("_fmodel", "_fit_model", "_model_param")
 
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: never strip the live object
@@ -132,19 +182,53 @@ class BaseInfluence(BaseEstimator):
         return tags
 
     # -- pinned settings ---------
-    def _settings_now(self):
+    def _canonical(self, name, value):
+        """``value`` of parameter ``name`` with equivalent spellings merged.
+
+        Subclasses map equivalent values to one (``"auto"`` and what it
+        resolves to, ``None`` and the default it stands for, ...).
+        """
+        return value
+
+    def _pinned_values(self):
+        """The pinned parameters' canonical values: the very objects, in process."""
         params = self.get_params()
-        return {name: _token(params[name]) for name in self._pinned}
+        return {name: self._canonical(name, params[name]) for name in self._pinned}
+
+    def _settings_now(self, values=None):
+        """The pinned values as JSON-able tokens (what a saved cache stores)."""
+        values = self._pinned_values() if values is None else values
+        return {name: _token(v) for name, v in values.items()}
+
+    def _fit_snapshot(self):
+        """The pinned values at the start of a fit: containers copied, objects kept."""
+        return {
+            name: _plain(v) if isinstance(v, (list, tuple, np.ndarray)) else v
+            for name, v in self._pinned_values().items()
+        }
 
     def _changed_settings(self):
-        """``{name: (value at fit, value now)}`` for every pinned parameter changed."""
-        fitted, now = self._cache.settings, self._settings_now()
+        """``{name: (value at fit, value now)}`` for every pinned parameter changed.
+
+        In the fitting process the fitted objects themselves are compared
+        (another callable, loss module or array of other values counts as a
+        change); after ``load`` only their tokens are known, and a value a
+        file cannot hold (``"<...>"``) is not flagged while it is ``None``.
+        """
+        fitted_objects = self.__dict__.get("_fit_params")
+        now = self._pinned_values()
         changed = {}
         for name in self._pinned:
-            old, new = fitted.get(name), now[name]
+            new = now[name]
+            if fitted_objects is not None:
+                old = fitted_objects[name]
+                if not _same_value(old, new):
+                    changed[name] = (_describe(old), _describe(new))
+                continue
+            old, token = self._cache.settings.get(name), _token(new)
             restorable = not (isinstance(old, str) and old.startswith("<"))
-            if old != new and (restorable or new is not None):
-                changed[name] = (old, new)
+            if old != token and (restorable or new is not None):
+                changed[name] = (old, token)
         return changed
 
     def _check_fitted(self):
@@ -196,17 +280,21 @@ class BaseInfluence(BaseEstimator):
             check_model_data(fmodel, X, y)
         return fmodel
 
-    def _get_fmodel(self):
+    def _get_fmodel(self, cache):
         """The functional model of the fitted model, rebuilt when needed.
 
-        The model is the ``model`` parameter, else the one passed to ``fit``.
-        Its weights must be those the cache was built with (fingerprint);
-        restoring them makes queries work again.
+        The model is the one ``fit`` used, unless the ``model`` parameter
+        was set to another object since (or the estimator was loaded or
+        unpickled without its model). Its weights must be those
+        ``cache`` was built with (fingerprint); restoring them makes queries
+        work again. ``cache`` is the one the query checked: a concurrent
+        refit cannot swap it mid-query.
         """
-        cache = self._cache
-        model = (
-            self.model if self.model is not None else self.__dict__.get("_fit_model")
-        )
+        model, given = self.__dict__.get("_fit_model"), self.model
+        if model is None or (
+            given is not None and given is not self.__dict__.get("_model_param")
+        ):  # loaded, or given another model with set_params since fit
+            model = given
         if model is None:
             raise ValueError(
                 "This query needs the model, but the estimator holds none (it "
@@ -237,21 +325,28 @@ class BaseInfluence(BaseEstimator):
                 self._fmodel = fmodel
         return fmodel
 
-    def _install(self, cache, model, fmodel, **state):
+    def _install(self, cache, model, fmodel, fit_params=None, **state):
         # One dict update (one bytecode): a fit interrupted before it leaves
-        # the previous cache, model and lazy state whole.
+        # the previous cache, model and lazy state whole. ``fit_params``: the
+        # fit's snapshot of the pinned values (None after load).
         self.__dict__.update(
-            _cache=cache, _fit_model=model, _fmodel=fmodel, _alpha_cache=None, **state
+            _cache=cache,
+            _fit_model=model,
+            _fmodel=fmodel,
+            _alpha_cache=None,
+            _fit_params=fit_params,
+            _model_param=self.model,
+            **state,
         )
 
-    def _eval_passes(self, X, y):
+    def _eval_passes(self, X, y, cache):
         """Passes over a validated evaluation set (X, y) with the fitted model."""
-        fmodel = self._get_fmodel()
+        fmodel = self._get_fmodel(cache)
         X = check_inputs(X)
-        if n_features(X) != self._cache.n_features_in:
+        if n_features(X) != cache.n_features_in:
             raise ValueError(
                 f"X has {n_features(X)} features, but {type(self).__name__} is "
-                f"expecting {self._cache.n_features_in} features as input."
+                f"expecting {cache.n_features_in} features as input."
             )
         if y is None:
             raise ValueError(

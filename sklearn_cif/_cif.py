@@ -17,7 +17,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_scalar
 
 from sklearn_cif import _queries
-from sklearn_cif._base import BaseInfluence, check_target, fitted_views
+from sklearn_cif._base import (
+    BaseInfluence,
+    canonical_param,
+    check_target,
+    fitted_views,
+)
 from sklearn_cif._build import BuildConfig, build_cache, sketch_pass
 from sklearn_cif._cache import CiFCache, draw_seeds, fitted_fields
 from sklearn_cif._checks import (
@@ -34,6 +39,7 @@ from sklearn_cif.passes import n_rows
 from sklearn_cif.sketch import make_sketch
 
 __all__ = ["ClusteredInfluenceEstimator"]
+
 
 # residual_correction -> what the self effect adds to plain CiF (see Notes).
 _CORRECTIONS = {"auto": "full", "full": "full", "cross": "cross", "none": "none"}
@@ -293,12 +299,18 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         """
         model, X, y = resolve_fit_args(self.model, model, X, y)
         X, y = check_data(X, y)
+        pinned = self._fit_snapshot()
         config = self._build_config(n_rows(y, "y"))
         fmodel = self._new_fmodel(model, X, y)
         seeds = draw_seeds(check_random_state(self.random_state))
-        cache = build_cache(fmodel, X, y, config, seeds, self._settings_now())
-        self._install(cache, model, fmodel)
+        cache = build_cache(fmodel, X, y, config, seeds, self._settings_now(pinned))
+        self._install(cache, model, fmodel, pinned)
         return self
+
+    def _canonical(self, name, value):
+        if name == "residual_correction" and isinstance(value, str):
+            return _CORRECTIONS.get(value, value)
+        return canonical_param(name, value)
 
     def _build_config(self, n):
         """Validate the parameters; return them as a :class:`BuildConfig`."""
@@ -541,7 +553,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         Repeated queries against one evaluation set then cost ``O(|S| + C)``
         each, with no model pass; the model fingerprint is still checked.
         """
-        passes = self._eval_passes(X, y)  # refuses a model changed since fit
+        passes = self._eval_passes(X, y, cache)  # refuses a model changed since fit
         key = data_fingerprint(passes.X, passes.y)
         cached = self.__dict__.get("_alpha_cache")
         if cached is None or cached[0] is not cache or cached[1] != key:
@@ -569,7 +581,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             :math:`g(x_j)^\top v_c` for every example and cluster.
         """
         cache = self._check_fitted()
-        passes = self._eval_passes(X, y)
+        passes = self._eval_passes(X, y, cache)
         fm = passes.fmodel
         V = torch.as_tensor(cache.responses, device=fm.device)
         out = passes.map_rows(lambda idx, G, _: {"a": G @ V.T}, gradients=True)
@@ -611,7 +623,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             Explained sketch scatter.
         """
         cache = self._check_fitted()
-        passes = self._eval_passes(X, y)
+        passes = self._eval_passes(X, y, cache)
         kind, dim = cache.settings["sketch"], cache.settings["sketch_dim"]
         sketch = make_sketch(kind, cache.n_params, dim, cache.seeds[0])
         S = sketch_pass(passes, sketch)["S"]

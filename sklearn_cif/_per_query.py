@@ -7,7 +7,7 @@ import torch
 from sklearn.base import TransformerMixin
 from sklearn.utils import check_random_state
 
-from sklearn_cif._base import BaseInfluence, fitted_views
+from sklearn_cif._base import BaseInfluence, canonical_param, fitted_views
 from sklearn_cif._cache import PerQueryFit, draw_seeds, fitted_fields
 from sklearn_cif._checks import (
     check_data,
@@ -160,6 +160,7 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         """
         model, X, y = resolve_fit_args(self.model, model, X, y)
         X, y = check_data(X, y)
+        pinned = self._fit_snapshot()
         self._check_params()
         fmodel = self._new_fmodel(model, X, y)
         seeds = draw_seeds(check_random_state(self.random_state))
@@ -174,11 +175,14 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
             n_params=fmodel.n_params,
             model_fingerprint=fmodel.fingerprint(),
             data_fingerprint=data_fingerprint(X, y),
-            settings=self._settings_now(),
+            settings=self._settings_now(pinned),
             seeds=tuple(seeds),
         )
-        self._install(state, model, fmodel, _data=(X, y), n_solves_=0)
+        self._install(state, model, fmodel, pinned, _data=(X, y), n_solves_=0)
         return self
+
+    def _canonical(self, name, value):
+        return canonical_param(name, value)
 
     def _check_params(self):
         check_solver_params(
@@ -210,18 +214,19 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         return self.transform(*self._data)
 
     # -- solves ---------
-    def _passes(self):
+    def _passes(self, cache):
         """Passes over the training data and over the curvature's examples."""
         X, y = self._data
-        # held by reference: an in-place edit of X or y would change answers
-        if data_fingerprint(X, y) != self._cache.data_fingerprint:
+        # held by reference: an in-place edit of X or y (or a concurrent
+        # refit on other data) would change answers
+        if data_fingerprint(X, y) != cache.data_fingerprint:
             raise ValueError(
                 "The training data X or y changed since fit (data fingerprint "
                 "mismatch; PerQueryInfluence reads them at every query). Restore "
                 "them or refit."
             )
-        passes = DataPasses(self._get_fmodel(), X, y, self.batch_size)
-        idx = self._cache.curvature_indices
+        passes = DataPasses(self._get_fmodel(cache), X, y, self.batch_size)
+        idx = cache.curvature_indices
         return passes, passes if idx is None else passes.subset(idx)
 
     def _solve(self, curv_passes, B):
@@ -235,14 +240,14 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
             self.n_solves_ += B.shape[0]
         return sol
 
-    def _param_change(self, ind):
+    def _param_change(self, ind, cache):
         """Member gradient sums ``(Q, p)`` and the solutions ``Delta theta_S``."""
-        passes, curv = self._passes()
+        passes, curv = self._passes(cache)
         groups = [
             ind.indices[ind.indptr[q] : ind.indptr[q + 1]] for q in range(ind.shape[0])
         ]
         sums = passes.group_sums(groups)
-        return passes, sums, self._solve(curv, sums / self._cache.n_samples_fit)
+        return passes, sums, self._solve(curv, sums / cache.n_samples_fit)
 
     # -- queries ---------
     def param_change(self, subsets):
@@ -260,7 +265,7 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         """
         cache = self._check_fitted()
         ind = subset_indicator(subsets, cache.n_samples_fit)
-        _, _, dtheta = self._param_change(ind)
+        _, _, dtheta = self._param_change(ind, cache)
         return dtheta.cpu().numpy().astype(np.float64)
 
     def loss_change(self, subsets, X=None, y=None, *, target="auto"):
@@ -284,14 +289,14 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         self._resolve_target(target, cache)
         ind = subset_indicator(subsets, cache.n_samples_fit)
         if X is None and y is None:
-            _, sums, dtheta = self._param_change(ind)
+            _, sums, dtheta = self._param_change(ind, cache)
             m = torch.as_tensor(
                 np.diff(ind.indptr), dtype=sums.dtype, device=sums.device
             )
             delta = ((sums / m[:, None]) * dtheta).sum(1)
             return delta.cpu().numpy().astype(np.float64)
-        g_v = self._eval_passes(X, y).mean_gradient()
-        _, _, dtheta = self._param_change(ind)
+        g_v = self._eval_passes(X, y, cache).mean_gradient()
+        _, _, dtheta = self._param_change(ind, cache)
         return (dtheta @ g_v).cpu().numpy().astype(np.float64)
 
     def fold_effects(self, subsets, *, target="auto"):
@@ -313,7 +318,7 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         cache = self._check_fitted()
         target = self._resolve_target(target, cache)
         ind = subset_indicator(subsets, cache.n_samples_fit)
-        passes, sums, dtheta = self._param_change(ind)
+        passes, sums, dtheta = self._param_change(ind, cache)
         m = np.diff(ind.indptr)
         mt = torch.as_tensor(m, dtype=sums.dtype, device=sums.device)
         fm = passes.fmodel
@@ -367,11 +372,11 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         influence : ndarray of shape (n, N)
             Evaluation example by training example.
         """
-        self._check_fitted()
-        rows = self._eval_passes(X, y).map_rows(
+        cache = self._check_fitted()
+        rows = self._eval_passes(X, y, cache).map_rows(
             lambda idx, G, _: {"G": G}, gradients=True, dtype=None
         )
-        passes, curv = self._passes()
+        passes, curv = self._passes(cache)
         G_eval = torch.as_tensor(rows["G"], device=passes.fmodel.device)
         W = self._solve(curv, G_eval)  # (n, p): H^{-1} grad l(x_j)
         cols = passes.map_rows(lambda idx, G, _: {"c": (W @ G.T).T}, gradients=True)

@@ -115,10 +115,9 @@ class DampedGGNOperator:
         self.max_elements = int(max_elements)
         self.n_products = 0
         self._reported = False
-        if hasattr(fm.loss, "n_clipped_"):
-            fm.loss.n_clipped_ = 0  # count the first pass only
+        self._n_clipped = 0  # examples clipped in the first pass
 
-    def _batch_ggn(self, x, y, V):
+    def _batch_ggn(self, x, y, V, count=False):
         fm = self.fmodel
         tangents = fm.unflatten(V)
 
@@ -127,6 +126,8 @@ class DampedGGNOperator:
 
         out, vjp_fn = vjp(f, fm.theta)
         state = fm.loss.hessian_state(out, y)
+        if count:
+            self._n_clipped += fm.loss.n_clipped(state)
         # J V for every tangent (vmap of jvp re-traces the forward per tangent
         # column in one batched call).
         _, JV = vmap(lambda t: jvp(f, (fm.theta,), (t,)))(tangents)
@@ -137,7 +138,7 @@ class DampedGGNOperator:
     def _report_clipping(self):
         # A callable loss whose output Hessian is not PSD is clipped (see
         # losses.CallableLoss); say so once, after the first full pass.
-        clipped = getattr(self.fmodel.loss, "n_clipped_", 0)
+        clipped = self._n_clipped
         if clipped:
             warnings.warn(
                 f"The loss's Hessian with respect to the model output was not "
@@ -159,7 +160,9 @@ class DampedGGNOperator:
             # vectors); a small MLP keeps all columns at once.
             block = max(1, self.max_elements // max(1, x.numel()))
             for cols in iter_batches(V.shape[0], block):
-                acc[cols] += self._batch_ggn(x, y, V[cols])
+                # each example counted once: first pass, first column block
+                count = not self._reported and cols.start == 0
+                acc[cols] += self._batch_ggn(x, y, V[cols], count)
 
         acc = self.passes.accumulate(kernel, torch.zeros_like(V))
         out = acc / self.n_samples + self.damping * V

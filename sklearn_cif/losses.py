@@ -15,6 +15,7 @@ with :func:`register_loss`; nothing else in the package lists losses.
 
 import copy
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -116,6 +117,10 @@ class OutputLoss:
 
     def hvp_from_state(self, state, z, y, u):
         return self.hvp(z, y, u)
+
+    def n_clipped(self, state):
+        """Examples of a batch whose output Hessian was clipped to be PSD."""
+        return 0
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -329,6 +334,13 @@ class BCEWithLogitsLoss(OutputLoss):
         return self.hvp_from_state(self.hessian_state(z, y), z, y, u)
 
 
+class _ClippedHessian(NamedTuple):
+    """Per-example PSD output Hessians and how many needed clipping."""
+
+    hess: torch.Tensor
+    n_clipped: int
+
+
 class CallableLoss(OutputLoss):
     """A user loss ``fn(output, y) -> (n,)`` with an autograd output Hessian.
 
@@ -341,7 +353,6 @@ class CallableLoss(OutputLoss):
 
     def __init__(self, fn):
         self.fn = fn
-        self.n_clipped_ = 0
 
     def prepare_target(self, y, output_dtype):
         return y.to(output_dtype) if y.is_floating_point() else y
@@ -375,12 +386,17 @@ class CallableLoss(OutputLoss):
         # eigh's rounding leaves tiny negative eigenvalues on PSD Hessians (a
         # callable cross-entropy: 146 of 300 examples): count only real ones.
         tol = 1e3 * torch.finfo(evals.dtype).eps * evals.abs().amax(-1, keepdim=True)
-        self.n_clipped_ += int((evals < -tol).any(-1).sum())
-        return (evecs * evals.clamp_min(0)[:, None, :]) @ evecs.transpose(1, 2)
+        hess = (evecs * evals.clamp_min(0)[:, None, :]) @ evecs.transpose(1, 2)
+        # The count travels with the state: the loss object holds no counter
+        # that concurrent passes or repeated column blocks would corrupt.
+        return _ClippedHessian(hess, int((evals < -tol).any(-1).sum()))
 
-    def hvp_from_state(self, hess, z, y, u):
+    def hvp_from_state(self, state, z, y, u):
         flat = u.reshape(u.shape[0], -1, 1)
-        return (hess @ flat).reshape(u.shape)
+        return (state.hess @ flat).reshape(u.shape)
+
+    def n_clipped(self, state):
+        return state.n_clipped
 
     def hvp(self, z, y, u):
         return self.hvp_from_state(self.hessian_state(z, y), z, y, u)

@@ -168,3 +168,72 @@ def test_concurrent_per_query_influence(tiny_classification):
     np.testing.assert_allclose(serial[0], ref.numpy(), rtol=1e-6, atol=1e-10)
     # one serial round and three threaded ones; no increment was lost
     assert pq.n_solves_ == 4 * (3 * len(FOLDS) + 3)
+
+
+def test_another_callable_loss_or_loss_module_counts_as_changed(tiny_classification):
+    # Two lambdas (or two loss modules) look alike as names; the cache was
+    # built with one object and answers only for it.
+    net, X, y = tiny_classification
+    first = lambda z, t: CE(z, t)  # noqa: E731
+    second = lambda z, t: CE(z, t) * 2.0  # noqa: E731
+    est = _cif(loss=first).fit(net, X, y)
+    est.set_params(loss=first)  # the same object: still current
+    assert est.is_current(net, X, y)
+    est.set_params(loss=second)
+    assert not est.is_current()
+    with pytest.raises(ValueError, match="loss=.*lambda.*fitted with"):
+        est.loss_change(FOLDS)
+    smooth = torch.nn.CrossEntropyLoss(reduction="none", label_smoothing=0.2)
+    est = _cif(loss=smooth).fit(net, X, y)
+    est.set_params(loss=torch.nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(ValueError, match="loss=.*fitted with"):
+        est.loss_change(FOLDS)
+    est.set_params(loss=smooth)
+    assert est.is_current(net, X, y)
+
+
+def test_equivalent_spellings_are_not_changes(tiny_classification):
+    # "auto" is "full", cg_maxiter=None is 1000, params="w" is ["w"], an
+    # array of names is its list: the cache answers for all of them.
+    net, X, y = tiny_classification
+    names = [n for n, _ in net.named_parameters()]
+    est = _cif(params=names[0]).fit(net, X, y)
+    ref = est.loss_change(FOLDS)
+    est.set_params(
+        residual_correction="full", cg_maxiter=1000, params=np.array(names[:1])
+    )
+    assert est.is_current(net, X, y)
+    np.testing.assert_array_equal(est.loss_change(FOLDS), ref)
+    est.set_params(residual_correction="cross")
+    assert not est.is_current()
+
+
+def test_a_list_edited_in_place_after_fit_counts_as_changed(tiny_classification):
+    # The fit keeps a copy of a list parameter: editing the user's list in
+    # place is a change, not a silent reuse.
+    net, X, y = tiny_classification
+    names = [n for n, _ in net.named_parameters()]
+    chosen = names[:2]
+    est = _cif(params=chosen).fit(net, X, y)
+    chosen.pop()
+    with pytest.raises(ValueError, match="params=.*fitted with"):
+        est.loss_change(FOLDS)
+
+
+def test_fit_model_argument_wins_over_an_unchanged_model_param(tiny_classification):
+    # model=A set, fit(B, X, y): queries use B (the model the cache was
+    # built from), not A; set_params(model=C) after fit uses C.
+    net, X, y = tiny_classification
+    other = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    est = _cif(model=other).fit(net, X, y)
+    ref = est.transform(X, y)  # no fingerprint error: B is used
+    assert est._fmodel.source is net
+    copy = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    copy.load_state_dict(net.state_dict())
+    est.set_params(model=copy)
+    np.testing.assert_array_equal(est.transform(X, y), ref)
+    assert est._fmodel.source is copy

@@ -77,6 +77,19 @@ def test_callable_with_indefinite_hessian_is_clipped():
     torch.testing.assert_close(dense, 0.5 * torch.eye(8, dtype=torch.float64))
 
 
+def test_clipping_counts_each_example_once_across_column_blocks():
+    # A first pass split into column blocks (8 columns, 1 per block) still
+    # reports each example once: "10 of 10", not "80 of 10".
+    net = torch.nn.Linear(3, 2).double()
+    X = torch.randn(10, 3, dtype=torch.float64)
+    y = torch.zeros(10, 2, dtype=torch.float64)
+    concave = lambda z, t: -(z**2).sum(1)  # noqa: E731
+    fm = as_functional(net, loss=concave, device="cpu")
+    op = DampedGGNOperator(DataPasses(fm, X, y, 4), damping=0.5, max_elements=1)
+    with pytest.warns(CIFWarning, match="for 10 of 10 examples"):
+        op.to_dense()
+
+
 def test_operator_counts_products_and_passes(tiny_classification):
     # A block of r vectors costs one data pass and counts r products.
     net, X, y = tiny_classification
