@@ -70,6 +70,7 @@ class CiFCache:
     self_influence: np.ndarray = _array("N")
     correction_scale: float = _scalar(float)
     correction: str = _scalar(str)
+    solver: str = _scalar(str)
     spectrum: np.ndarray = _array("r", optional=True)
     complement: float = _scalar(float, optional=True)
     jacobian_spectral: np.ndarray = _array("N", "d", "r", optional=True)

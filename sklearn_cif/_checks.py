@@ -17,6 +17,7 @@ __all__ = [
     "check_solver_params",
     "data_fingerprint",
     "n_features",
+    "n_outputs",
     "resolve_fit_args",
 ]
 
@@ -131,19 +132,28 @@ def check_model_data(fmodel, X, y):
     loss checks the targets against the number of outputs
     (:meth:`~sklearn_cif.losses.OutputLoss.check_targets`).
     """
-    probe = slice(0, min(n_rows(y, "y"), 8))
-    x, _ = fmodel.as_tensors(X[probe])
+    out = _probe(fmodel, X, min(n_rows(y, "y"), 8))
+    # a copy: y may be read-only
+    yt = y if torch.is_tensor(y) else torch.from_numpy(np.array(y))
+    fmodel.loss.check_targets(yt, out.shape[1] if out.dim() > 1 else 1)
+
+
+def n_outputs(fmodel, X):
+    """Numbers the model outputs per example (one forward pass on one row)."""
+    return int(_probe(fmodel, X, 1)[0].numel())
+
+
+def _probe(fmodel, X, n):
+    """The model's outputs on the first ``n`` rows, or a ``ValueError``."""
+    x, _ = fmodel.as_tensors(X[slice(0, n)])
     try:
         with torch.no_grad(), fmodel.lock:
-            out = fmodel.forward(fmodel.theta, x)
+            return fmodel.forward(fmodel.theta, x)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise ValueError(
             f"X of shape {tuple(X.shape)} does not fit the model: the forward pass "
             f"failed with {type(exc).__name__}: {exc}"
         ) from None
-    # a copy: y may be read-only
-    yt = y if torch.is_tensor(y) else torch.from_numpy(np.array(y))
-    fmodel.loss.check_targets(yt, out.shape[1] if out.dim() > 1 else 1)
 
 
 def data_fingerprint(*arrays):

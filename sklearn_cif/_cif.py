@@ -92,8 +92,20 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         calibrated by exact solves). ``"auto"`` is ``"full"``, which measured
         best (see Notes). ``param_change`` and evaluation-set effects are
         plain CiF whatever this is.
+    solver : {"auto", "dense", "cg"}, default="auto"
+        How the curvature is inverted. ``"dense"`` builds the damped
+        curvature as a ``p x p`` matrix from per-example output Jacobians
+        (one pass, ``N d p^2`` multiply-adds), keeps every eigenpair and
+        solves exactly: the cluster solves, the self-influences and the
+        Newton step are then those of the dense matrix (no calibration, no
+        truncation). ``"cg"`` never forms it: block conjugate gradient with
+        a rank-``correction_rank`` spectral approximation. ``"auto"`` is
+        ``"dense"`` when ``p <= 4096`` and the per-example Newton features
+        of every eigenpair (``N d p`` numbers) fit in ``2**27``, else
+        ``"cg"`` (the resolved choice is ``solver_``).
     correction_rank : int, default=128
-        Eigenpairs of the curvature in the spectral approximation; they also
+        Eigenpairs of the curvature in the spectral approximation of
+        ``solver="cg"`` (the dense solver keeps all of them); they also
         precondition the CG solves. The Newton step of ``target="retrain"``
         needs more of them than the first-order correction: on the digits
         MLP (p = 2,410, KFold(50)) the median ratio to actual retraining was
@@ -156,14 +168,17 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         :math:`v_c^\top \mu_{c'}`.
     correction_ : str
         The resolved ``residual_correction``.
+    solver_ : str
+        The resolved ``solver``: ``"dense"`` or ``"cg"``.
     within_scatter_ : float
         :math:`\mathrm{tr}(\bar\Sigma) = \frac1N \sum_i \|g_i - \mu_{c(i)}\|^2`.
     cg_residuals_ : ndarray of shape (C,)
         Final relative residual :math:`\rho_c` of each solve (recomputed as
-        ``||mu_c - H v_c|| / ||mu_c||``, not the recursion's estimate).
+        ``||mu_c - H v_c|| / ||mu_c||``, not the recursion's estimate; the
+        rounding error of the dense solver).
     n_iter_ : ndarray of shape (C,)
         Block CG iterations each cluster's column stayed active (a column
-        is frozen once it meets ``cg_tol``).
+        is frozen once it meets ``cg_tol``; zeros for the dense solver).
     n_clusters_, n_samples_fit_, n_params_ : int
     curvature_indices_ : ndarray of shape (curvature_samples,) or None
         The examples the curvature averages over (``None``: all).
@@ -171,13 +186,15 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         Work counters of the fit.
     timings_ : dict
         Seconds per phase: ``sketch``, ``cluster``, ``cluster_means``,
-        ``spectrum``, ``solve``, ``influence``, ``calibration``, ``outputs``
-        and ``newton`` (the last and the spectrum phases with the default
-        ``residual_correction``).
+        ``curvature`` (dense) or ``spectrum`` (CG), ``solve``, ``influence``,
+        ``calibration`` (CG), ``outputs`` and ``newton`` (the last three
+        with the default ``residual_correction``).
     spectrum_ : ndarray of shape (r,) or None
-        Top eigenvalues of :math:`G + \lambda I` (``r = correction_rank``).
+        Top eigenvalues of :math:`G + \lambda I`, descending
+        (``r = correction_rank``; all ``p`` with the dense solver).
     complement_ : float or None
-        The inverse curvature used outside their eigenvectors.
+        The inverse curvature used outside their eigenvectors (0 with the
+        dense solver: there is no outside).
     jacobian_spectral_, jacobian_gram_, output_hessians_ : ndarray or None
         Per example: ``J_i U^T`` (N, d, r), ``J_i J_i^T`` (N, d, d) and the
         loss's output Hessian (N, d, d), for the Newton step of
@@ -227,6 +244,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         "params",
         "sketch",
         "residual_correction",
+        "solver",
         "correction_rank",
         "n_calibration",
         "curvature_samples",
@@ -251,6 +269,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         params=None,
         sketch="countsketch",
         residual_correction="auto",
+        solver="auto",
         correction_rank=128,
         n_calibration=32,
         curvature_samples=None,
@@ -270,6 +289,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         self.params = params
         self.sketch = sketch
         self.residual_correction = residual_correction
+        self.solver = solver
         self.correction_rank = correction_rank
         self.n_calibration = n_calibration
         self.curvature_samples = curvature_samples
@@ -331,6 +351,10 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
                 f"residual_correction={self.residual_correction!r}; expected one of "
                 f"{list(_CORRECTIONS)}."
             )
+        if self.solver not in ("auto", "dense", "cg"):
+            raise ValueError(
+                f"solver={self.solver!r}; expected one of ['auto', 'dense', 'cg']."
+            )
         check_curvature(self.curvature)
         return BuildConfig(
             n_clusters=int(self.n_clusters),
@@ -341,6 +365,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             cg_maxiter=self.cg_maxiter,
             batch_size=int(self.batch_size),
             correction=_CORRECTIONS[self.residual_correction],
+            solver=self.solver,
             correction_rank=int(self.correction_rank),
             n_calibration=int(self.n_calibration),
             curvature_samples=self.curvature_samples,

@@ -33,53 +33,29 @@ dropped). ``K`` is then low rank plus block diagonal, so a fold costs
 ``O(m (d^3 + d r^2) + r^3)``: no CG solve and no model pass per fold.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-from torch.func import jacrev, vmap
 
-from sklearn_cif.gradients import iter_batches
+from sklearn_cif.gradients import iter_batches, output_derivatives, output_jacobians
 
-__all__ = ["MAX_OUTPUTS", "jacobian_kernel", "newton_effects"]
+__all__ = [
+    "MAX_LEVERAGE",
+    "MAX_OUTPUTS",
+    "NewtonEffects",
+    "jacobian_kernel",
+    "newton_effects",
+]
 
 # Output dimension above which the d x d blocks per example are not cached.
 MAX_OUTPUTS = 64
-
-
-def _output_derivatives(fmodel, out, t):
-    """Output gradient ``(b, d)`` and Hessian ``(b, d, d)`` of the loss."""
-    b = out.shape[0]
-    z = out.detach().requires_grad_(True)
-    (e,) = torch.autograd.grad(fmodel.loss.value(z, t).sum(), z)
-    state = fmodel.loss.hessian_state(z.detach(), t)
-    d = out[0].numel()
-    basis = torch.eye(d, dtype=out.dtype, device=out.device)
-    basis = basis[:, None, :].expand(d, b, d).reshape(d, *out.shape)
-    H = vmap(lambda u: fmodel.loss.hvp_from_state(state, z.detach(), t, u))(basis)
-    return e.reshape(b, d), H.reshape(d, b, d).permute(1, 2, 0)
-
-
-def _loop_jacobians(single, theta, x):
-    """Per-example Jacobians one example at a time (models vmap cannot trace)."""
-    rows = [jacrev(single)(theta, xi) for xi in x]
-    return {name: torch.stack([r[name] for r in rows]) for name in theta}
-
-
-def _jacobians(fmodel, x):
-    """Per-example output Jacobians ``(b, d, p)``."""
-
-    def single(theta, xi):
-        return fmodel.forward(theta, xi[None])[0]
-
-    if fmodel.grad_method == "loop":  # vmap cannot trace this model
-        jac = _loop_jacobians(single, fmodel.theta, x)
-    else:
-        try:
-            jac = vmap(jacrev(single), in_dims=(None, 0))(fmodel.theta, x)
-        except (RuntimeError, NotImplementedError, ValueError):
-            jac = _loop_jacobians(single, fmodel.theta, x)
-    out_dims = next(iter(jac.values())).dim() - 1 - len(fmodel.shapes[0])
-    flat = fmodel.flatten(jac, batch_dims=1 + out_dims)
-    return flat.reshape(x.shape[0], -1, fmodel.n_params)
+# Leverage (top eigenvalue of H_S^{1/2} K H_S^{1/2} / N) above which a fold's
+# Newton step is clipped: its output change grows at most 1 / (1 - 0.99) =
+# 100-fold over first order. Exact curvature keeps it below 1; approximate
+# curvature (a subsample, a truncated spectrum) can push it past 1, where the
+# unclipped step changes sign.
+MAX_LEVERAGE = 0.99
 
 
 def jacobian_kernel(fmodel, labels, means, U, max_elements=2**24):
@@ -95,12 +71,12 @@ def jacobian_kernel(fmodel, labels, means, U, max_elements=2**24):
     def kernel(outer, x, t):
         out = fmodel.forward(fmodel.theta, x).detach()
         d = out[0].numel()
-        e, H = _output_derivatives(fmodel, out, t)
+        e, H = output_derivatives(fmodel, out, t)
         parts = {key: [] for key in ("F", "gram", "hess", "Jr", "Ur")}
         # Bound (examples x outputs x parameters) held at once.
         step = max(1, max_elements // (d * fmodel.n_params))
         for inner in iter_batches(x.shape[0], step):
-            J = _jacobians(fmodel, x[inner])  # (b, d, p)
+            J = output_jacobians(fmodel, x[inner])  # (b, d, p)
             g = torch.einsum("bdp,bd->bp", J, e[inner])
             idx = np.arange(outer.start, outer.stop)[inner]
             resid = g - means[lab[idx]]
@@ -118,12 +94,23 @@ def jacobian_kernel(fmodel, labels, means, U, max_elements=2**24):
 def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats):
     """Newton-step self loss change and fold output changes for CSR subsets.
 
+    Each fold is solved in the cheaper of two exact forms: in its output
+    space (``m d`` unknowns) when ``m d <= r``, else through the ``r``
+    eigendirections (block diagonal plus rank ``r``). The output-space form
+    also gives the fold's leverage, the top eigenvalue of
+    :math:`\tfrac1N H_S^{1/2} K H_S^{1/2}` (below 1 for an exact
+    curvature: the removal objective stays convex); eigenvalues above
+    :data:`MAX_LEVERAGE` are clipped to it, which bounds the step's
+    amplification :math:`\\|J_S d_N\\| / \\|J_S u\\|` by
+    ``1 / (1 - MAX_LEVERAGE)``. A fold whose step is not finite falls back
+    to first order.
+
     Parameters
     ----------
     ind : scipy.sparse.csr_matrix of shape (Q, N)
         Subset indicator, indices sorted within each row.
     first : ndarray of shape (Q,)
-        First-order self loss change :math:`\\bar g^\\top u` of each subset.
+        First-order self loss change :math:`\bar g^\top u` of each subset.
     w_means : ndarray of shape (nnz, d)
         Cluster-mean part of :math:`J_i u` for every member (CSR order).
     n_samples : int
@@ -137,16 +124,22 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
 
     Returns
     -------
-    delta : ndarray of shape (Q,)
-        :math:`\\bar g^\\top d_N + \\tfrac12 d_N^\\top G_S d_N`.
-    out_change : ndarray of shape (nnz, d)
-        :math:`J_i d_N` for every member: its predicted output change.
+    NewtonEffects
+        ``delta`` (Q,), ``out_change`` (nnz, d), and per fold ``leverage``
+        (NaN where the fold was solved through the eigendirections),
+        ``amplification`` and ``safeguarded`` (clipped or first order).
     """
     N, c = float(n_samples), float(complement)
     D = np.asarray(inv_evals, dtype=np.float64)
-    delta = np.empty(ind.shape[0])
-    out_change = np.empty_like(w_means)
-    for q in range(ind.shape[0]):
+    Q = ind.shape[0]
+    res = NewtonEffects(
+        delta=np.empty(Q),
+        out_change=np.empty_like(w_means),
+        leverage=np.full(Q, np.nan),
+        amplification=np.ones(Q),
+        safeguarded=np.zeros(Q, dtype=bool),
+    )
+    for q in range(Q):
         lo, hi = ind.indptr[q], ind.indptr[q + 1]
         rows = ind.indices[lo:hi]
         m = rows.size
@@ -159,19 +152,86 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
         w = w_means[lo:hi] + (F @ (D * Ur.sum(0)) + c * own) / N
         # K = F D F^T (all pairs) + c (J_i J_i^T - F_i F_i^T) (within examples).
         Bd = c * (f64["gram"] - F @ F.transpose(0, 2, 1))
-        eye = np.eye(w.shape[1])
-        Q = eye - Bd @ Hs / N  # block diagonal part of I - K H / N
-        Qi_w = np.linalg.solve(Q, w[..., None])[..., 0]
-        Qi_F = np.linalg.solve(Q, F)  # (m, d, r)
-        HF = np.einsum("mij,mir->mjr", Hs, F) / N  # (H/N)^T F = (H/N) F
-        T = np.einsum("mdr,mds->rs", HF, Qi_F)
-        rhs = D * np.einsum("mdr,md->r", HF, Qi_w)
-        y_r = np.linalg.solve(np.eye(D.size) - D[:, None] * T, rhs)
-        x = Qi_w + Qi_F @ y_r
-        z = np.einsum("mij,mj->mi", Hs, x) / N
-        Kz = F @ (D * np.einsum("mdr,md->r", F, z)) + np.einsum("mij,mj->mi", Bd, z)
-        out = w + Kz
+        if m * w.shape[1] <= D.size:
+            out, z, lev = _output_space_step(F, Hs, Bd, D, w, N)
+            res.leverage[q] = lev
+            res.safeguarded[q] = lev > MAX_LEVERAGE
+        else:
+            out, z = _eigen_space_step(F, Hs, Bd, D, w, N)
+        if not (np.all(np.isfinite(out)) and np.all(np.isfinite(z))):
+            out, z = w, np.zeros_like(w)  # first order
+            res.safeguarded[q] = True
         quad = np.einsum("mi,mij,mj->", out, Hs, out)
-        delta[q] = first[q] + N / m * float((w * z).sum()) + quad / (2 * m)
-        out_change[lo:hi] = out
-    return delta, out_change
+        res.delta[q] = first[q] + N / m * float((w * z).sum()) + quad / (2 * m)
+        res.out_change[lo:hi] = out
+        norm_w = np.linalg.norm(w)
+        res.amplification[q] = np.linalg.norm(out) / norm_w if norm_w > 0 else 1.0
+    return res
+
+
+def _output_space_step(F, Hs, Bd, D, w, N):
+    r"""The fold's step in its ``m d`` output coordinates, with leverage clipping.
+
+    With :math:`S = H_S^{1/2}` and :math:`M = S K S / N = V \mathrm{diag}(\mu)
+    V^\top` (symmetric), the step satisfies
+    :math:`S J_S d_N = (I - M)^{-1} S w`, i.e. each eigendirection of ``M``
+    amplifies first order by :math:`1 / (1 - \mu_k)`. Eigenvalues above
+    :data:`MAX_LEVERAGE` are clipped to it in both factors. Returns
+    ``(J_S d_N, z, max mu)`` with :math:`z = \frac1N H_S x`,
+    :math:`x = (I - K H_S / N)^{-1} w`.
+    """
+    m, d, r = F.shape
+    Ff = F.reshape(m * d, r)
+    K = ((Ff * D) @ Ff.T).reshape(m, d, m, d)
+    diag = np.arange(m)
+    K[diag, :, diag, :] += Bd
+    K = K.reshape(m * d, m * d)
+    ev, Qv = np.linalg.eigh(Hs)
+    S = (Qv * np.sqrt(np.clip(ev, 0.0, None))[:, None, :]) @ Qv.transpose(0, 2, 1)
+    Sb = np.zeros((m, d, m, d))
+    Sb[diag, :, diag, :] = S
+    Sb = Sb.reshape(m * d, m * d)
+    M = Sb @ K @ Sb / N
+    mu, V = np.linalg.eigh((M + M.T) / 2)
+    lev = float(mu[-1]) if mu.size else 0.0
+    clipped = np.minimum(mu, MAX_LEVERAGE)
+    gain = clipped / (1.0 - clipped)  # mu / (1 - mu), clipped
+    safe = np.abs(mu) > 1e-12
+    per_mu = np.where(safe, gain / np.where(safe, mu, 1.0), 1.0 / (1.0 - clipped))
+    coef = V.T @ (Sb @ w.reshape(-1))
+    t = Sb @ w.reshape(-1) + V @ (gain * coef)  # S x
+    out = w.reshape(-1) + K @ (Sb @ (V @ (per_mu * coef))) / N
+    z = (Sb @ t / N).reshape(m, d)
+    return out.reshape(m, d), z, lev
+
+
+def _eigen_space_step(F, Hs, Bd, D, w, N):
+    """The fold's step through the ``r`` eigendirections (block diagonal + rank r).
+
+    :math:`I - K H_S / N` is block diagonal (``Bd``) plus a rank-``r`` term
+    (``F D F^T``); Woodbury keeps the solves at ``d x d`` and ``r x r``.
+    Returns ``(J_S d_N, z)``.
+    """
+    eye = np.eye(w.shape[1])
+    Qb = eye - Bd @ Hs / N  # block diagonal part of I - K H / N
+    Qi_w = np.linalg.solve(Qb, w[..., None])[..., 0]
+    Qi_F = np.linalg.solve(Qb, F)  # (m, d, r)
+    HF = np.einsum("mij,mir->mjr", Hs, F) / N  # (H/N)^T F = (H/N) F
+    T = np.einsum("mdr,mds->rs", HF, Qi_F)
+    rhs = D * np.einsum("mdr,md->r", HF, Qi_w)
+    y_r = np.linalg.solve(np.eye(D.size) - D[:, None] * T, rhs)
+    x = Qi_w + Qi_F @ y_r
+    z = np.einsum("mij,mj->mi", Hs, x) / N
+    Kz = F @ (D * np.einsum("mdr,md->r", F, z)) + np.einsum("mij,mj->mi", Bd, z)
+    return w + Kz, z
+
+
+@dataclass
+class NewtonEffects:
+    """What :func:`newton_effects` returns (see there)."""
+
+    delta: np.ndarray
+    out_change: np.ndarray
+    leverage: np.ndarray
+    amplification: np.ndarray
+    safeguarded: np.ndarray

@@ -58,6 +58,17 @@ class FoldEffects:
         Member indices, sorted within each subset.
     oof_outputs : ndarray of shape (nnz, d)
         Every member's predicted model output with its subset removed.
+    leverage : ndarray of shape (Q,)
+        The Newton step's leverage of each subset (top eigenvalue of
+        :math:`\\tfrac1N H_S^{1/2} J_S H^{-1} J_S^\\top H_S^{1/2}`; below 1
+        for an exact curvature); NaN where not computed (first order, or a
+        subset solved through the eigendirections).
+    amplification : ndarray of shape (Q,)
+        How far the Newton step goes beyond first order:
+        :math:`\\|J_S d_N\\| / \\|J_S u\\|` (1 for first order).
+    safeguarded : ndarray of shape (Q,)
+        Subsets whose Newton step was clipped (leverage above
+        ``MAX_LEVERAGE``) or fell back to first order (a non-finite step).
     """
 
     target: str
@@ -69,6 +80,21 @@ class FoldEffects:
     fold_bounds: np.ndarray
     oof_indices: np.ndarray
     oof_outputs: np.ndarray
+    leverage: np.ndarray = None
+    amplification: np.ndarray = None
+    safeguarded: np.ndarray = None
+
+    def __post_init__(self):
+        # first-order results carry no Newton diagnostics
+        q = self.delta_loss.shape[0]
+        defaults = {
+            "leverage": np.full(q, np.nan),
+            "amplification": np.ones(q),
+            "safeguarded": np.zeros(q, dtype=bool),
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
 
 def membership(cache, ind):
@@ -93,7 +119,10 @@ def self_effect(cache, ind, M):
     residuals). Plain CiF keeps :math:`a^\top H^{-1} a_\mu`. ``"cross"``
     adds :math:`a_\mu^\top H^{-1} b` exactly from the cache (``A`` and
     :math:`\mu_c^\top v_{c'}`); ``"full"`` also adds the diagonal of
-    :math:`b^\top H^{-1} b`, the self-influences ``self_influence_``.
+    :math:`b^\top H^{-1} b`, the self-influences ``self_influence_``, or
+    with every eigenpair kept (the dense solver) all of
+    :math:`b^\top H^{-1} b` from the residuals in the eigenbasis: the
+    self effect is then per-query IF exactly, for any clustering.
     """
     N, m = cache.n_samples_fit, np.diff(ind.indptr)
     T = np.asarray(ind @ cache.train_influence)  # (Q, C): sum_{i in S} g_i^T v_c
@@ -101,8 +130,13 @@ def self_effect(cache, ind, M):
     if cache.correction == "none":
         return kept / (N * m), kept / (N * m)
     cross = kept - np.einsum("qc,cd,qd->q", M, cache.mean_response_products, M)
-    diag = np.asarray(ind @ cache.self_influence).ravel()
-    return (kept + cross + diag) / (N * m), kept / (N * m)
+    if cache.complement == 0 and cache.residual_spectral is not None:
+        # every eigenpair kept (dense solver): b^T H^-1 b exactly, all pairs
+        Ub = np.asarray(ind @ cache.residual_spectral.astype(np.float64))
+        residual = (Ub * Ub) @ (1.0 / cache.spectrum.astype(np.float64))
+    else:
+        residual = np.asarray(ind @ cache.self_influence).ravel()
+    return (kept + cross + residual) / (N * m), kept / (N * m)
 
 
 def _member_output_changes(cache, ind, M, chunk=2**16):
@@ -129,9 +163,9 @@ def fold_effects(cache, ind, target):
     gram_quad = np.einsum("qc,cd,qd->q", M, cache.response_gram, M)
     d_out = _member_output_changes(cache, ind, M)
     first, plain = self_effect(cache, ind, M)
-    delta = first
+    delta, newton = first, {}
     if target == "retrain":
-        delta, d_out = _newton.newton_effects(
+        res = _newton.newton_effects(
             ind,
             first,
             d_out,
@@ -139,6 +173,12 @@ def fold_effects(cache, ind, target):
             1.0 / cache.spectrum,
             cache.complement,
             cache.newton_features(),
+        )
+        delta, d_out = res.delta, res.out_change
+        newton = dict(
+            leverage=res.leverage,
+            amplification=res.amplification,
+            safeguarded=res.safeguarded,
         )
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(delta != 0, 1 - plain / delta, 0.0)
@@ -154,6 +194,7 @@ def fold_effects(cache, ind, target):
         oof_outputs=get_loss(cache.loss_name).linearized(
             cache.train_outputs[ind.indices], d_out
         ),
+        **newton,
     )
 
 

@@ -230,21 +230,13 @@ class FunctionalModel:
         # np.require copies a read-only batch (torch cannot wrap it safely);
         # C order makes the kernels see the same layout whatever the user's
         # (a Fortran-ordered copy of X gives bitwise the same answers)
-        x = (
-            X.contiguous()
-            if torch.is_tensor(X)
-            else torch.as_tensor(np.require(X, requirements=["W", "C"]))
-        )
+        x = X.contiguous() if torch.is_tensor(X) else torch.as_tensor(_writable_c(X))
         if x.is_floating_point():
             x = x.to(self.dtype)
         x = x.to(self.device)
         if y is None:
             return x, None
-        t = (
-            y
-            if torch.is_tensor(y)
-            else torch.as_tensor(np.require(y, requirements=["W", "C"]))
-        )
+        t = y if torch.is_tensor(y) else torch.as_tensor(_writable_c(y))
         return x, self.loss.prepare_target(t.to(self.device), self.dtype)
 
     def fingerprint(self):
@@ -263,6 +255,16 @@ def model_fingerprint(*tensor_dicts):
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _writable_c(a):
+    """A writable C-ordered array torch can wrap (a copy only when needed).
+
+    A one-row slice of a reversed array counts as C-contiguous to NumPy
+    but keeps its negative stride, which torch refuses: copy it too.
+    """
+    a = np.require(a, requirements=["W", "C"])
+    return a.copy() if any(st < 0 for st in a.strides) else a
 
 
 def as_functional(model, loss=None, params=None, device="auto"):

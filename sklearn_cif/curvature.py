@@ -9,8 +9,9 @@ else):
 - ``damping``: the ``lambda`` its matrix includes;
 - ``n_products``: matrix-vector products applied so far (a block of ``r``
   vectors counts ``r``);
-- optionally ``solve(B)``: the exact ``A^{-1} B`` (an operator without one
-  is solved by conjugate gradient).
+- optionally ``dense(progress=None)``: the whole matrix, ``(p, p)`` in
+  float64, from one data pass; ``solver="dense"`` factors it (an operator
+  without it is solved by conjugate gradient).
 
 Operators are built by name through :func:`make_curvature` (the
 ``curvature=`` parameter); ``"ggn"``, the damped generalized Gauss-Newton
@@ -25,7 +26,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from sklearn_cif.exceptions import CIFWarning
-from sklearn_cif.gradients import iter_batches
+from sklearn_cif.gradients import iter_batches, output_derivatives, output_jacobians
 
 __all__ = [
     "DampedGGNOperator",
@@ -173,6 +174,47 @@ class DampedGGNOperator:
         return out[0] if single else out
 
     def to_dense(self):
-        """The full ``p x p`` matrix (tests and tiny models only)."""
+        """The full ``p x p`` matrix by ``p`` products (tests and tiny models only)."""
         eye = torch.eye(self.n_params, dtype=self.dtype, device=self.device)
         return self.matmat(eye)
+
+    def dense(self, progress=None):
+        r"""The matrix :math:`\frac1N \sum_i J_i^\top H_i J_i + \lambda I`, in float64.
+
+        One data pass of per-example output Jacobians ``J_i`` (``d`` rows of
+        ``p``), each batch adding :math:`(J^\top)(H J)` by one matrix
+        product: ``N d p^2`` multiply-adds and a ``p x p`` float64
+        accumulator, against ``p`` products (``p`` passes) for
+        :meth:`to_dense`.
+
+        Parameters
+        ----------
+        progress : tqdm bar or None
+
+        Returns
+        -------
+        A : torch.Tensor of shape (p, p)
+            Symmetric, float64, on the model's device.
+        """
+        fm, p = self.fmodel, self.n_params
+
+        def kernel(x, y, acc):
+            out = fm.forward(fm.theta, x).detach()
+            _, H = output_derivatives(fm, out, y)
+            if not self._reported:
+                self._n_clipped += fm.loss.n_clipped(fm.loss.hessian_state(out, y))
+            step = max(1, self.max_elements // (H.shape[1] * p))
+            for rows in iter_batches(x.shape[0], step):
+                J = output_jacobians(fm, x[rows]).double()
+                HJ = H[rows].double() @ J
+                acc += J.reshape(-1, p).T @ HJ.reshape(-1, p)
+
+        acc = torch.zeros(p, p, dtype=torch.float64, device=self.device)
+        acc = self.passes.accumulate(kernel, acc, progress=progress)
+        A = (acc + acc.T) / (2 * self.n_samples)
+        A.diagonal().add_(self.damping)
+        self.n_products += p
+        if not self._reported:
+            self._reported = True
+            self._report_clipping()
+        return A

@@ -10,11 +10,19 @@ import warnings
 
 import numpy as np
 import torch
-from torch.func import grad_and_value, jvp, vmap
+from torch.func import grad_and_value, jacrev, jvp, vmap
 
 from sklearn_cif.exceptions import CIFWarning
 
-__all__ = ["iter_batches", "output_jvp", "per_example_grads", "summed_grad", "take"]
+__all__ = [
+    "iter_batches",
+    "output_derivatives",
+    "output_jacobians",
+    "output_jvp",
+    "per_example_grads",
+    "summed_grad",
+    "take",
+]
 
 
 def iter_batches(n, batch_size):
@@ -41,6 +49,43 @@ def output_jvp(fmodel, x, V):
 
     out, JV = vmap(lambda t: jvp(f, (fmodel.theta,), (t,)))(fmodel.unflatten(V))
     return out[0], JV
+
+
+def output_derivatives(fmodel, out, t):
+    """The loss's output gradient ``(b, d)`` and Hessian ``(b, d, d)`` at ``out``."""
+    b = out.shape[0]
+    z = out.detach().requires_grad_(True)
+    (e,) = torch.autograd.grad(fmodel.loss.value(z, t).sum(), z)
+    state = fmodel.loss.hessian_state(z.detach(), t)
+    d = out[0].numel()
+    basis = torch.eye(d, dtype=out.dtype, device=out.device)
+    basis = basis[:, None, :].expand(d, b, d).reshape(d, *out.shape)
+    H = vmap(lambda u: fmodel.loss.hvp_from_state(state, z.detach(), t, u))(basis)
+    return e.reshape(b, d), H.reshape(d, b, d).permute(1, 2, 0)
+
+
+def _loop_jacobians(single, theta, x):
+    """Per-example Jacobians one example at a time (models vmap cannot trace)."""
+    rows = [jacrev(single)(theta, xi) for xi in x]
+    return {name: torch.stack([r[name] for r in rows]) for name in theta}
+
+
+def output_jacobians(fmodel, x):
+    """Per-example output Jacobians ``(b, d, p)``."""
+
+    def single(theta, xi):
+        return fmodel.forward(theta, xi[None])[0]
+
+    if fmodel.grad_method == "loop":  # vmap cannot trace this model
+        jac = _loop_jacobians(single, fmodel.theta, x)
+    else:
+        try:
+            jac = vmap(jacrev(single), in_dims=(None, 0))(fmodel.theta, x)
+        except (RuntimeError, NotImplementedError, ValueError):
+            jac = _loop_jacobians(single, fmodel.theta, x)
+    out_dims = next(iter(jac.values())).dim() - 1 - len(fmodel.shapes[0])
+    flat = fmodel.flatten(jac, batch_dims=1 + out_dims)
+    return flat.reshape(x.shape[0], -1, fmodel.n_params)
 
 
 def _vmap_grads(fmodel, x, y):

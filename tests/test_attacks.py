@@ -662,7 +662,7 @@ def test_nan_regression_target_is_refused_at_validation(tiny_regression, contain
 def test_tiny_damping_and_two_iterations_warn_convergence(tiny_classification, params):
     # damping=1e-12 with cg_maxiter=2 cannot reach cg_tol: ConvergenceWarning.
     net, X, y = tiny_classification
-    est = _est(damping=1e-12, cg_maxiter=2, **params)
+    est = _est(damping=1e-12, cg_maxiter=2, solver="cg", **params)
     with pytest.warns(ConvergenceWarning, match="cg_tol"):
         est.fit(net, X, y)
     assert np.all(est.cg_residuals_ > est.cg_tol)
@@ -673,7 +673,7 @@ def test_exact_preconditioner_converges_in_two_iterations(tiny_classification):
     net, X, y = tiny_classification
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        est = _est(damping=1e-12, cg_maxiter=2).fit(net, X, y)
+        est = _est(damping=1e-12, cg_maxiter=2, solver="cg").fit(net, X, y)
     assert np.all(est.cg_residuals_ <= est.cg_tol)
 
 
@@ -736,16 +736,24 @@ def _all_answers(est, X, y):
 
 
 @pytest.mark.parametrize(
-    "target", ["sklearn_cif.passes.per_example_grads", "sklearn_cif._build.block_cg"]
+    "target, solver",
+    [
+        ("sklearn_cif.passes.per_example_grads", "auto"),
+        ("sklearn_cif._build.block_cg", "cg"),
+        ("sklearn_cif._build.dense_eigh", "dense"),
+    ],
 )
-def test_keyboard_interrupt_in_a_refit_changes_no_answer(tiny_classification, target):
-    # A KeyboardInterrupt in a refit's gradient pass or CG changes no answer.
+def test_keyboard_interrupt_in_a_refit_changes_no_answer(
+    tiny_classification, target, solver
+):
+    # A KeyboardInterrupt in a refit's gradient pass, CG or dense
+    # factorization changes no answer.
     net, X, y = tiny_classification
-    est = _est().fit(net, X, y)
+    est = _est(solver=solver).fit(net, X, y)
     before = _all_answers(est, X, y)
     fingerprint = est.data_fingerprint_
     Xf, yf = X.flip(0), y.flip(0)
-    assert _est().fit(net, Xf, yf).data_fingerprint_ != fingerprint
+    assert _est(solver=solver).fit(net, Xf, yf).data_fingerprint_ != fingerprint
     with mock.patch(target, side_effect=KeyboardInterrupt) as hook:
         with pytest.raises(KeyboardInterrupt):
             est.fit(net, Xf, yf)

@@ -41,12 +41,14 @@ def _dense_newton(net, loss_fn, X, y, folds):
     return np.array(deltas), np.concatenate(outs)
 
 
+@pytest.mark.parametrize("solver", ["dense", "cg"])
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_woodbury_path_reproduces_the_dense_newton_step(
-    task, tiny_classification, tiny_regression
+    task, solver, tiny_classification, tiny_regression
 ):
-    # With one cluster per example and every eigenpair kept, the cached
-    # Woodbury path is the dense Newton step + second-order term (float64).
+    # With one cluster per example and every eigenpair kept (the dense
+    # solver, or CG at full rank), the cached Woodbury path is the dense
+    # Newton step + second-order term (float64).
     net, X, y = tiny_classification if task == "classification" else tiny_regression
     loss, loss_fn = ("cross_entropy", CE) if task == "classification" else ("mse", MSE)
     p = sum(q.numel() for q in net.parameters())
@@ -56,8 +58,10 @@ def test_woodbury_path_reproduces_the_dense_newton_step(
         damping=LAM,
         cg_tol=1e-13,
         correction_rank=p,
+        solver=solver,
         random_state=0,
     ).fit(net, X, y)
+    assert est.solver_ == solver
     ref, ref_out = _dense_newton(net, loss_fn, X, y, FOLDS)
     eff = est.fold_effects(FOLDS, target="retrain")
     np.testing.assert_allclose(eff.delta_loss, ref, rtol=1e-8)
@@ -68,12 +72,15 @@ def test_woodbury_path_reproduces_the_dense_newton_step(
     assert np.all(np.abs(eff.delta_loss - eff.delta_loss_if) > 1e-4 * np.abs(ref))
 
 
-def test_low_rank_plus_block_diagonal_solve_matches_dense_algebra():
+@pytest.mark.parametrize("r", [4, 40])
+def test_low_rank_plus_block_diagonal_solve_matches_dense_algebra(r):
     # newton_effects at a partial rank equals a direct dense solve of the
-    # same approximate output-space system (independent linear algebra).
+    # same approximate output-space system (independent linear algebra);
+    # r = 4 takes the eigendirection path (m d > r), r = 40 the output-space
+    # path (m d <= r).
     rng = np.random.default_rng(0)
-    n, d, r, N = 7, 3, 4, 50
-    F_ = rng.normal(size=(n, d, r))
+    n, d, N = 7, 3, 50
+    F_ = rng.normal(size=(n, d, r)) * 0.7 / np.sqrt(r)
     Jfull = rng.normal(size=(n, d, 9))
     gram = Jfull @ Jfull.transpose(0, 2, 1) + np.einsum("ndr,ner->nde", F_, F_)
     A = rng.normal(size=(n, d, d))
@@ -90,7 +97,10 @@ def test_low_rank_plus_block_diagonal_solve_matches_dense_algebra():
     ind = subset_indicator(folds, n)
     first = rng.normal(size=2)
     w_means = rng.normal(size=(ind.nnz, d))
-    delta, out = newton_effects(ind, first, w_means, N, D, c, feats)
+    res = newton_effects(ind, first, w_means, N, D, c, feats)
+    delta, out = res.delta, res.out_change
+    assert not res.safeguarded.any()
+    assert np.isnan(res.leverage).all() == (r == 4)
     for q, S in enumerate(folds):
         lo, hi = ind.indptr[q], ind.indptr[q + 1]
         m = len(S)
@@ -113,6 +123,64 @@ def test_low_rank_plus_block_diagonal_solve_matches_dense_algebra():
         ref = first[q] + N / m * w @ z + o @ Hs @ o / (2 * m)
         assert delta[q] == pytest.approx(ref, rel=1e-10)
         np.testing.assert_allclose(out[lo:hi].reshape(-1), o, rtol=1e-10)
+        assert res.amplification[q] == pytest.approx(
+            np.linalg.norm(o) / np.linalg.norm(w)
+        )
+        if r == 40:  # leverage: top eigenvalue of the symmetric form
+            ev, Qv = np.linalg.eigh(Hs)
+            root = Qv @ np.diag(np.sqrt(np.clip(ev, 0, None))) @ Qv.T
+            lev = np.linalg.eigvalsh(root @ K @ root / N)[-1]
+            assert res.leverage[q] == pytest.approx(lev, rel=1e-10)
+
+
+def test_a_fold_past_leverage_one_is_clipped_not_flipped():
+    # One example whose curvature share exceeds what the (approximate)
+    # inverse allows: leverage > 1 makes the plain Newton step change sign;
+    # the safeguard clips it at MAX_LEVERAGE, bounding the amplification.
+    from sklearn_cif._newton import MAX_LEVERAGE
+
+    N, r = 10, 3
+    F_ = np.array([[[3.0, 0.0, 0.0]]])
+    feats = {
+        "F": F_,
+        "gram": np.array([[[9.0]]]),
+        "hess": np.array([[[2.0]]]),
+        "Jr": np.zeros((1, 1)),
+        "Ur": np.zeros((1, r)),
+    }
+    ind = subset_indicator([np.array([0])], 1)
+    w = np.array([[0.5]])
+    res = newton_effects(ind, np.array([0.1]), w, N, np.ones(r), 0.0, feats)
+    # K H / N = 9 * 2 / 10 = 1.8: unclipped the step would be w / (1 - 1.8)
+    assert res.leverage[0] == pytest.approx(1.8)
+    assert res.safeguarded[0]
+    assert res.out_change[0, 0] == pytest.approx(0.5 / (1 - MAX_LEVERAGE))
+    assert res.amplification[0] == pytest.approx(1 / (1 - MAX_LEVERAGE))
+
+
+@pytest.mark.parametrize("n_clusters", [1, 5, None])
+def test_dense_solver_is_exact_whatever_the_clustering(n_clusters, tiny_classification):
+    # With every eigenpair, the residual correction and the Newton step see
+    # the exact inverse: the self effects equal dense per-query IF and the
+    # dense Newton step for any number of clusters (1e-8, float64).
+    net, X, y = tiny_classification
+    C = len(y) if n_clusters is None else n_clusters
+    est = ClusteredInfluenceEstimator(
+        C, loss="cross_entropy", damping=LAM, solver="dense", random_state=0
+    ).fit(net, X, y)
+    dtheta, g, _ = dense_influence(net, CE, X, y, LAM, FOLDS)
+    exact_if = np.array(
+        [(g[S].mean(0) @ d).item() for S, d in zip(FOLDS, dtheta, strict=True)]
+    )
+    ref, ref_out = _dense_newton(net, CE, X, y, FOLDS)
+    np.testing.assert_allclose(
+        est.fold_effects(FOLDS, target="if").delta_loss, exact_if, rtol=1e-8
+    )
+    eff = est.fold_effects(FOLDS)
+    np.testing.assert_allclose(eff.delta_loss, ref, rtol=1e-8)
+    np.testing.assert_allclose(eff.oof_outputs, ref_out, rtol=1e-8, atol=1e-10)
+    assert est.correction_scale_ == 1.0 and est.complement_ == 0.0
+    assert (eff.leverage < 1).all() and not eff.safeguarded.any()
 
 
 def _logreg(X, y, lam, keep=None, init=None):

@@ -1,0 +1,610 @@
+"""Default predicted CV effect vs actual retraining, on setups nobody tuned for.
+
+    python benchmarks/cv_fidelity.py [--setups NAME ...] [--estimator-kwargs JSON]
+                                     [--refits-only] [--exact {auto,pq,cif}]
+
+An acceptance benchmark: the package's defaults (``n_clusters=50``,
+``target="auto"``) on six float64 setups from scikit-learn's own data, none of
+which the defaults were tuned on (lambda is both the training L2 coefficient
+and the estimators' damping):
+
+- ``lr_std_1e-3``: multinomial logistic regression (Linear(64, 10)) on
+  standardized digits, lambda = 1e-3;
+- ``lr_raw_1e-4``: the same on raw digits features (0..16), lambda = 1e-4;
+- ``mlp_std_1e-3``: 64-32-10 tanh MLP on standardized digits, lambda = 1e-3;
+- ``mlp_wide_1e-2``: 64-64-64-10 ReLU MLP on standardized digits, lambda = 1e-2;
+- ``cnn_1e-3``: Conv2d(1, 8, 3, padding=1) - tanh - AvgPool2d(2) - Linear(128, 10)
+  on digits as 1x8x8 images / 16, lambda = 1e-3;
+- ``bc_lr_1e-2``: 2-output logistic regression (cross-entropy) on standardized
+  breast cancer, lambda = 1e-2.
+
+Each model is trained to the optimum of (1/N) sum_i CE_i + lambda/2 ||theta||^2
+(Adam first for the MLPs and the CNN, then float64 LBFGS to an inf-norm
+gradient < 1e-9; the reached norm is reported). Folds (seeded, subsampled):
+the first 25 folds of KFold(50) and of KFold(100) (shuffled, random_state=0),
+ShuffleSplit(20, test_size=0.05, random_state=0), and leave-one-out on 60
+seeded random examples.
+
+Actual effect of a fold S: warm-started float64 LBFGS (a deep copy of the fitted
+net) on (1/N) sum_{i not in S} CE_i + lambda/2 ||theta||^2 (the FULL N, as in
+retrain_agreement.py) to an inf-norm gradient of 1e-9 (at most a few bounded
+LBFGS runs); the change of the fold's mean CE. The trained model and the refits
+are cached in benchmarks/results/cv_fidelity_refits_<setup>.npz, each refit
+keyed by a hash of its fold indices and the model weights, so reruns only
+recompute the estimates.
+
+Estimates (the package only, no retraining): the default
+``ClusteredInfluenceEstimator(n_clusters=50, damping=lambda, random_state=0)``
+``.fold_effects(folds).delta_loss`` (and its ``delta_loss_if``), and exact
+first-order per-query IF with self-influence (``PerQueryInfluence`` with
+``cg_tol=1e-10``, or CiF with one cluster per example and ``target="if"``:
+``--exact``; ``auto`` picks per-query). ``--estimator-kwargs`` is a JSON dict
+merged into both estimators' keyword arguments.
+
+Reports per setup and scheme: Spearman(estimate, actual) of the default and of
+exact IF, the median ratio estimate / actual of the default, its first-order
+part and exact IF, and the default's build time; and a summary: the cells whose
+default median ratio lies in [0.85, 1.2] with a Spearman at least exact IF's.
+
+Writes benchmarks/results/cv_fidelity.json and prints a Markdown table.
+"""
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _refit import l2, lbfgs_minimize  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+from sklearn.datasets import load_breast_cancer, load_digits  # noqa: E402
+from sklearn.model_selection import KFold, ShuffleSplit  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+from sklearn_cif import ClusteredInfluenceEstimator, PerQueryInfluence  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+TOL = 1e-9
+RATIO_BAND = (0.85, 1.2)
+SETUPS = {
+    "lr_std_1e-3": dict(data="digits_std", arch="lr", lam=1e-3),
+    "lr_raw_1e-4": dict(data="digits_raw", arch="lr", lam=1e-4),
+    "mlp_std_1e-3": dict(data="digits_std", arch="mlp", lam=1e-3),
+    "mlp_wide_1e-2": dict(data="digits_std", arch="mlp_wide_tanh", lam=1e-2),
+    "cnn_1e-3": dict(data="digits_img", arch="cnn", lam=1e-3),
+    "bc_lr_1e-2": dict(data="bc_std", arch="lr", lam=1e-2),
+}
+SCHEMES = ("K50[:25]", "K100[:25]", "SS5%x20", "LOO60")
+# Training: Adam epochs (0 for the convex models), then LBFGS runs of max_iter.
+TRAIN = dict(adam_epochs=600, adam_lr=1e-2, steps=20, max_iter=1000)
+TRAIN_POLISH = dict(rounds=6, newton=8, cg_iter=2000, give_up_when_slow=False)
+REFIT = dict(steps=3, max_iter=500)
+METHOD = "_refit LBFGS runs, then Newton-CG polish (v5)"
+
+
+def data(kind):
+    if kind.startswith("digits"):
+        X, y = load_digits(return_X_y=True)
+        X = X.astype(np.float64)
+        if kind == "digits_std":
+            X = StandardScaler().fit_transform(X)
+        elif kind == "digits_img":
+            X = (X / 16.0).reshape(-1, 1, 8, 8)
+    else:
+        X, y = load_breast_cancer(return_X_y=True)
+        X = StandardScaler().fit_transform(X.astype(np.float64))
+    return np.ascontiguousarray(X), y.astype(np.int64)
+
+
+def architecture(arch, n_in, n_out):
+    nn = torch.nn
+    if arch == "lr":
+        net = nn.Linear(n_in, n_out)
+    elif arch == "mlp":
+        net = nn.Sequential(nn.Linear(n_in, 32), nn.Tanh(), nn.Linear(32, n_out))
+    elif arch.startswith("mlp_wide"):
+        act = nn.ReLU if arch.endswith("relu") else nn.Tanh
+        net = nn.Sequential(
+            nn.Linear(n_in, 64), act(), nn.Linear(64, 64), act(), nn.Linear(64, n_out)
+        )
+    elif arch == "cnn":
+        net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * 4 * 4, n_out),
+        )
+    else:
+        raise ValueError(arch)
+    return net.double()
+
+
+def folds(n):
+    """(scheme, sorted test-index arrays) for the four seeded fold schemes."""
+    idx = np.arange(n)
+    out = {}
+    k50 = KFold(50, shuffle=True, random_state=0).split(idx)
+    out["K50[:25]"] = [np.sort(t) for _, t in list(k50)[:25]]
+    k100 = KFold(100, shuffle=True, random_state=0).split(idx)
+    out["K100[:25]"] = [np.sort(t) for _, t in list(k100)[:25]]
+    ss = ShuffleSplit(n_splits=20, test_size=0.05, random_state=0).split(idx)
+    out["SS5%x20"] = [np.sort(t) for _, t in ss]
+    loo = np.sort(np.random.default_rng(0).choice(n, 60, replace=False))
+    out["LOO60"] = [np.array([i], dtype=np.int64) for i in loo]
+    return {k: [f.astype(np.int64) for f in v] for k, v in out.items()}
+
+
+def objective(net, X, y, n_total, lam):
+    loss = F.cross_entropy(net(X), y, reduction="sum") / n_total
+    return loss + 0.5 * lam * l2(net)
+
+
+def grad_inf_norm(net, X, y, n_total, lam):
+    net.zero_grad()
+    objective(net, X, y, n_total, lam).backward()
+    g = max(p.grad.abs().max().item() for p in net.parameters())
+    net.zero_grad()
+    return g
+
+
+def newton_polish(net, X, y, n_total, lam, *, steps, cg_iter, cg_rtol=1e-3):
+    """Damped Newton steps, (H + mu I) d = -g by CG on Hessian-vector products.
+
+    Near the optimum the objective changes by less than float64 resolves, so
+    a line search on its values stalls around an inf-norm gradient of 1e-8;
+    this uses gradients only: a step is taken when it shrinks ||g||, else mu
+    (0 first) grows (Levenberg-Marquardt), as it does on negative curvature.
+    """
+    names = [k for k, _ in net.named_parameters()]
+    shapes = [q.shape for _, q in net.named_parameters()]
+    sizes = [q.numel() for _, q in net.named_parameters()]
+
+    def unflatten(flat):
+        return dict(zip(names, (t.view(s) for t, s in zip(flat.split(sizes), shapes))))
+
+    def obj(flat):
+        out = torch.func.functional_call(net, unflatten(flat), (X,))
+        return F.cross_entropy(out, y, reduction="sum") / n_total + 0.5 * lam * (
+            flat @ flat
+        )
+
+    def grad_fn(flat):
+        flat = flat.detach().requires_grad_(True)
+        return torch.autograd.grad(obj(flat), flat)[0]
+
+    def cg(hvp, g, mu):
+        d, r = torch.zeros_like(g), -g
+        q, rr, stop = r.clone(), r @ r, (cg_rtol**2) * (g @ g)
+        for _ in range(cg_iter):
+            hq = hvp(q) + mu * q
+            curv = q @ hq
+            if curv <= 0:
+                return None  # negative curvature: more damping
+            a = rr / curv
+            d, r = d + a * q, r - a * hq
+            rr_new = r @ r
+            if rr_new <= stop:
+                break
+            q, rr = r + (rr_new / rr) * q, rr_new
+        return d
+
+    theta = torch.cat([q.detach().reshape(-1) for q in net.parameters()])
+    g = grad_fn(theta)
+    used, mu, slow = 0, 0.0, False
+    while g.abs().max().item() >= TOL and used < steps:
+        used += 1
+        leaf = theta.clone().requires_grad_(True)
+        g_graph = torch.autograd.grad(obj(leaf), leaf, create_graph=True)[0]
+
+        def hvp(v):  # reverse over reverse on the retained graph of g
+            return torch.autograd.grad(g_graph, leaf, v, retain_graph=True)[0]
+
+        for _ in range(6):
+            d = cg(hvp, g, mu)
+            g_new = None if d is None else grad_fn(theta + d)
+            if g_new is not None and g_new.norm() < g.norm():
+                slow = g_new.norm() > 0.5 * g.norm()  # not in Newton's basin
+                theta, g, mu = theta + d, g_new, mu / 10
+                break
+            mu = max(10 * mu, 1e-5)
+        else:
+            slow = True
+        del g_graph
+        if slow:
+            break
+    load_flat(net, theta.numpy())
+    return used, g.abs().max().item() < TOL or not slow
+
+
+def minimize(
+    net,
+    X,
+    y,
+    n_total,
+    lam,
+    *,
+    steps,
+    max_iter,
+    rounds=2,
+    newton=4,
+    cg_iter=1000,
+    give_up_when_slow=True,
+):
+    """Rounds of LBFGS runs (_refit) and Newton-CG polish, to an inf-norm gradient < TOL.
+
+    Returns the net, the reached inf-norm gradient, and the LBFGS runs and
+    Newton steps taken.
+    """
+    g = grad_inf_norm(net, X, y, n_total, lam)
+    runs = n_newton = 0
+    for _ in range(rounds):
+        used = 0
+        while g >= TOL and used < steps:
+            lbfgs_minimize(
+                net,
+                lambda m: objective(m, X, y, n_total, lam),
+                steps=1,
+                max_iter=max_iter,
+                tolerance_grad=TOL,
+                tolerance_change=1e-15,
+            )
+            used += 1
+            g_old, g = g, grad_inf_norm(net, X, y, n_total, lam)
+            if g < 1e-6 or (g < 1e-5 and g > 0.5 * g_old):  # Newton's turn
+                break
+        runs += used
+        if g < TOL:
+            break
+        k, converging = newton_polish(
+            net, X, y, n_total, lam, steps=newton, cg_iter=cg_iter
+        )
+        n_newton += k
+        g = grad_inf_norm(net, X, y, n_total, lam)
+        if g < TOL or (give_up_when_slow and not converging):  # a flat valley
+            break
+    return net, g, (runs, n_newton)
+
+
+def flat_params(net):
+    return np.concatenate([p.detach().numpy().ravel() for p in net.parameters()])
+
+
+def load_flat(net, theta):
+    with torch.no_grad():
+        k = 0
+        for p in net.parameters():
+            p.copy_(torch.from_numpy(theta[k : k + p.numel()].reshape(p.shape)))
+            k += p.numel()
+    return net
+
+
+def setup_key(name, cfg):
+    spec = json.dumps(
+        {"name": name, **cfg, "train": [TRAIN, TRAIN_POLISH], "tol": TOL, "method": METHOD,
+         "torch": torch.__version__},
+        sort_keys=True,
+    )
+    return hashlib.sha1(spec.encode()).hexdigest()
+
+
+def cache_path(name):
+    return RESULTS / f"cv_fidelity_refits_{name}.npz"
+
+
+def load_cache(name):
+    path = cache_path(name)
+    if not path.exists():
+        return {}
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def save_cache(name, cache):
+    tmp = cache_path(name).with_suffix(".tmp.npz")
+    np.savez(tmp, **cache)
+    os.replace(tmp, cache_path(name))
+
+
+def train(name, cfg, X, y, cache):
+    """The model at the optimum; reused from the cache when the setup is unchanged."""
+    n_out = int(y.max()) + 1
+    n_in = X.shape[1] if X.ndim == 2 else None
+    torch.manual_seed(0)
+    net = architecture(cfg["arch"], n_in, n_out)
+    key = setup_key(name, cfg)
+    if str(cache.get("setup_key", "")) == key:
+        load_flat(net, cache["theta"])
+        return net, dict(
+            grad=float(cache["train_grad"]),
+            seconds=float(cache["train_s"]),
+            lbfgs_runs=int(cache["train_runs"][0]),
+            newton_steps=int(cache["train_runs"][1]),
+            cached=True,
+        )
+    t0 = time.perf_counter()
+    Xt, yt, lam = torch.as_tensor(X), torch.as_tensor(y), cfg["lam"]
+    if cfg["arch"] != "lr":
+        opt = torch.optim.Adam(net.parameters(), lr=TRAIN["adam_lr"], weight_decay=lam)
+        for _ in range(TRAIN["adam_epochs"]):
+            opt.zero_grad()
+            F.cross_entropy(net(Xt), yt).backward()
+            opt.step()
+    net, g, runs = minimize(
+        net,
+        Xt,
+        yt,
+        len(y),
+        lam,
+        steps=TRAIN["steps"],
+        max_iter=TRAIN["max_iter"],
+        **TRAIN_POLISH,
+    )
+    seconds = time.perf_counter() - t0
+    cache.clear()
+    cache.update(
+        setup_key=np.array(key),
+        theta=flat_params(net),
+        train_grad=np.array(g),
+        train_s=np.array(seconds),
+        train_runs=np.array(runs),
+    )
+    save_cache(name, cache)
+    return net, dict(
+        grad=g,
+        seconds=seconds,
+        lbfgs_runs=runs[0],
+        newton_steps=runs[1],
+        cached=False,
+    )
+
+
+def fold_key(theta_bytes, lam, fold):
+    h = hashlib.sha1(theta_bytes)
+    h.update(repr(float(lam)).encode())
+    h.update(repr((REFIT, METHOD, TOL)).encode())
+    h.update(fold.astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def refits(name, net, X, y, lam, fold_list, cache):
+    """Actual change of each fold's mean CE after retraining (cached per fold)."""
+    theta_bytes = flat_params(net).tobytes()
+    keys = [fold_key(theta_bytes, lam, f) for f in fold_list]
+    stored = {}
+    if "fold_keys" in cache:
+        for i, k in enumerate(cache["fold_keys"]):
+            stored[str(k)] = (
+                float(cache["actual"][i]),
+                float(cache["refit_grad"][i]),
+                float(cache["refit_s"][i]),
+                tuple(int(v) for v in cache["refit_runs"][i]),
+            )
+    Xt, yt, n = torch.as_tensor(X), torch.as_tensor(y), len(y)
+    todo = [i for i, k in enumerate(keys) if k not in stored]
+    t_all = time.perf_counter()
+    for j, i in enumerate(todo):
+        t0, test = time.perf_counter(), fold_list[i]
+        keep = np.setdiff1d(np.arange(n), test)
+        m, g, runs = minimize(
+            copy.deepcopy(net), Xt[keep], yt[keep], n, lam, **REFIT
+        )
+        with torch.no_grad():
+            before = F.cross_entropy(net(Xt[test]), yt[test]).item()
+            after = F.cross_entropy(m(Xt[test]), yt[test]).item()
+        stored[keys[i]] = (after - before, g, time.perf_counter() - t0, runs)
+        if j % 10 == 9 or j == len(todo) - 1:
+            ks = list(stored)
+            cache.update(
+                fold_keys=np.array(ks),
+                actual=np.array([stored[k][0] for k in ks]),
+                refit_grad=np.array([stored[k][1] for k in ks]),
+                refit_s=np.array([stored[k][2] for k in ks]),
+                refit_runs=np.array([stored[k][3] for k in ks]),
+            )
+            save_cache(name, cache)
+            print(
+                f"  {name}: {j + 1}/{len(todo)} refits, "
+                f"{time.perf_counter() - t_all:.0f} s",
+                flush=True,
+            )
+    rows = np.array([stored[k][:3] for k in keys])
+    return dict(
+        actual=rows[:, 0],
+        grad=rows[:, 1],
+        seconds=rows[:, 2],
+        runs=np.array([stored[k][3] for k in keys]).reshape(-1, 2),
+        computed=len(todo),
+    )
+
+
+def exact_if(kind, net, X, y, fold_list, kw):
+    """Exact first-order per-query IF (with self-influence) of every fold."""
+    dropped = []
+    if kind == "cif":
+        est = ClusteredInfluenceEstimator(
+            n_clusters=len(y), cg_tol=1e-10, random_state=0, **kw
+        ).fit(net, X, y)
+        if est.n_clusters_ != len(y):
+            print(f"  warning: exact CiF has {est.n_clusters_} clusters, N = {len(y)}")
+        return est.fold_effects(fold_list, target="if").delta_loss, dropped
+    base = dict(cg_tol=1e-10, damping=kw["damping"], loss=kw["loss"])
+    extra = {k: v for k, v in kw.items() if k not in base}
+    try:
+        pq = PerQueryInfluence(**base, **extra)
+    except TypeError as err:  # a CiF-only keyword: per-query IF does without it
+        print(f"  PerQueryInfluence rejects {sorted(extra)} ({err}); dropped there")
+        pq, dropped = PerQueryInfluence(**base), sorted(extra)
+    return pq.fit(net, X, y).fold_effects(fold_list).delta_loss, dropped
+
+
+def score(pred, actual):
+    ratio = pred / actual
+    return dict(
+        spearman=float(spearmanr(pred, actual)[0]),
+        median_ratio=float(np.median(ratio)),
+    )
+
+
+def run(name, args, extra_kw):
+    cfg = SETUPS[name]
+    lam = cfg["lam"]
+    X, y = data(cfg["data"])
+    cache = load_cache(name)
+    net, trained = train(name, cfg, X, y, cache)
+    p = sum(q.numel() for q in net.parameters())
+    took = "cached" if trained["cached"] else f"{trained['seconds']:.0f} s"
+    print(
+        f"{name}: N = {len(y)}, p = {p}, training grad {trained['grad']:.1e} "
+        f"({took})",
+        flush=True,
+    )
+    schemes = folds(len(y))
+    fold_list = [f for s in SCHEMES for f in schemes[s]]
+    bounds = np.cumsum([0] + [len(schemes[s]) for s in SCHEMES])
+    ref = refits(name, net, X, y, lam, fold_list, cache)
+    bad = int((ref["grad"] >= TOL).sum())
+    refit_info = dict(
+        computed_now=ref["computed"],
+        seconds_total=float(ref["seconds"].sum()),
+        max_grad=float(ref["grad"].max()),
+        n_above_tol=bad,
+        max_lbfgs_runs=int(ref["runs"][:, 0].max()),
+        max_newton_steps=int(ref["runs"][:, 1].max()),
+        n_newton_polished=int((ref["runs"][:, 1] > 0).sum()),
+        n_nonpositive_actual=int((ref["actual"] <= 0).sum()),
+    )
+    if args.refits_only:
+        return dict(p=p, training=trained, refits=refit_info)
+    kw = dict(damping=lam, loss="cross_entropy", **extra_kw)
+    t0 = time.perf_counter()
+    est = ClusteredInfluenceEstimator(n_clusters=50, random_state=0, **kw).fit(
+        net, X, y
+    )
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fe = est.fold_effects(fold_list)
+    query = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exact, dropped = exact_if(args.exact, net, X, y, fold_list, kw)
+    exact_s = time.perf_counter() - t0
+    preds = {
+        "default": np.asarray(fe.delta_loss, dtype=np.float64),
+        "default_if": np.asarray(fe.delta_loss_if, dtype=np.float64),
+        "exact_if": np.asarray(exact, dtype=np.float64),
+    }
+    cells = {}
+    for s, lo, hi in zip(SCHEMES, bounds[:-1], bounds[1:]):
+        a = ref["actual"][lo:hi]
+        cells[s] = {
+            "n_folds": int(hi - lo),
+            "fold_size_median": float(np.median([len(f) for f in schemes[s]])),
+            **{k: score(v[lo:hi], a) for k, v in preds.items()},
+        }
+    nans = {k: int(np.isnan(v).sum()) for k, v in preds.items()}
+    return dict(
+        N=len(y),
+        p=p,
+        lam=lam,
+        config=cfg,
+        training=trained,
+        refits=refit_info,
+        target=fe.target,
+        build_s=build,
+        build_phases_s=dict(est.timings_),
+        n_clusters_=int(est.n_clusters_),
+        query_s=query,
+        exact_if_method=args.exact,
+        exact_if_s=exact_s,
+        exact_if_dropped_kwargs=dropped,
+        nan_counts=nans,
+        cells=cells,
+        per_fold={
+            "scheme": [s for s in SCHEMES for _ in schemes[s]],
+            "actual": ref["actual"].tolist(),
+            "refit_grad": ref["grad"].tolist(),
+            **{k: v.tolist() for k, v in preds.items()},
+        },
+    )
+
+
+def table(out):
+    print(
+        "\n| setup | scheme | Spearman default | Spearman exact IF | "
+        "median ratio default | default 1st order | exact IF | build s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    hits, total = [], 0
+    for name, res in out.items():
+        for s, c in res["cells"].items():
+            d, e, f = c["default"], c["exact_if"], c["default_if"]
+            ok = RATIO_BAND[0] <= d["median_ratio"] <= RATIO_BAND[1] and (
+                d["spearman"] >= e["spearman"]
+            )
+            total += 1
+            hits += [f"{name}/{s}"] if ok else []
+            print(
+                f"| {name} | {s} | {d['spearman']:.3f} | {e['spearman']:.3f} | "
+                f"{d['median_ratio']:.3f} | {f['median_ratio']:.3f} | "
+                f"{e['median_ratio']:.3f} | {res['build_s']:.2f} |"
+            )
+    print(
+        f"\n{len(hits)} of {total} cells have a default median ratio in "
+        f"[{RATIO_BAND[0]}, {RATIO_BAND[1]}] and a Spearman >= exact IF's."
+    )
+    return dict(n_pass=len(hits), n_cells=total, passing=hits)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--estimator-kwargs", default="{}", type=json.loads)
+    ap.add_argument("--refits-only", action="store_true")
+    ap.add_argument(
+        "--exact",
+        choices=["auto", "pq", "cif"],
+        default="auto",
+        help="exact IF by PerQueryInfluence (pq) or CiF with N clusters (cif)",
+    )
+    args = ap.parse_args()
+    if args.exact == "auto":
+        args.exact = "pq"
+    RESULTS.mkdir(exist_ok=True)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    out = {name: run(name, args, args.estimator_kwargs) for name in args.setups}
+    total = time.perf_counter() - t0
+    for name, res in out.items():
+        r = res["refits"]
+        print(
+            f"{name}: training grad {res['training']['grad']:.1e}; refits max grad "
+            f"{r['max_grad']:.1e} ({r['n_above_tol']} above {TOL:g}), "
+            f"{r['n_nonpositive_actual']} actual <= 0, {r['seconds_total']:.0f} s"
+        )
+    if args.refits_only:
+        return
+    summary = table(out)
+    print(f"total {total:.0f} s")
+    doc = {
+        "estimator_kwargs": args.estimator_kwargs,
+        "exact_if_method": args.exact,
+        "tolerance": TOL,
+        "ratio_band": RATIO_BAND,
+        "total_s": total,
+        "summary": summary,
+        "setups": out,
+    }
+    (RESULTS / "cv_fidelity.json").write_text(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
