@@ -71,6 +71,8 @@ class CiFCache:
     correction_scale: float = _scalar(float)
     correction: str = _scalar(str)
     solver: str = _scalar(str)
+    gradient_norm: float = _scalar(float)
+    optimality_gap: float = _scalar(float)
     spectrum: np.ndarray = _array("r", optional=True)
     complement: float = _scalar(float, optional=True)
     jacobian_spectral: np.ndarray = _array("N", "d", "r", optional=True)

@@ -170,6 +170,16 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         The resolved ``residual_correction``.
     solver_ : str
         The resolved ``solver``: ``"dense"`` or ``"cg"``.
+    gradient_norm_ : float
+        :math:`\|\nabla J\|`, the regularized gradient
+        :math:`\frac1N\sum_i g_i + \lambda\theta` at the fitted parameters
+        (0 at the optimum the estimates assume).
+    optimality_gap_ : float
+        ``gradient_norm_`` over the sampling noise of a mean gradient,
+        :math:`\sqrt{\overline{\|g_i\|^2}/N}`. Above 1 (fit warns with a
+        :class:`~sklearn_cif.exceptions.CIFWarning`) the model is further
+        from the regularized optimum than resampling the training set would
+        move it: train longer, or match ``damping`` to the training L2.
     within_scatter_ : float
         :math:`\mathrm{tr}(\bar\Sigma) = \frac1N \sum_i \|g_i - \mu_{c(i)}\|^2`.
     cg_residuals_ : ndarray of shape (C,)

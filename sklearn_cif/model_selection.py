@@ -183,7 +183,10 @@ class InfluenceCV(BaseEstimator):
         first-order part), ``test_loss``
         (ℓ_V(θ) + Δℓ), ``correction_share`` (the part of ``delta_loss`` that
         the residual correction adds to plain CiF), ``param_change_norm``,
-        ``score_time``, ``fit_time`` (the cache build time shared evenly among
+        how far each fold's Newton step goes (``leverage``, NaN when not
+        computed; ``amplification``, its output change over first order's;
+        ``safeguarded``, True where the step was clipped at leverage 0.99 or
+        fell back to first order), ``score_time``, ``fit_time`` (the cache build time shared evenly among
         the folds, 0 when the cache was reused) and
         ``test_score`` (one scorer) or ``test_<name>`` (several).
     splits_ : list of (train, test) index arrays
@@ -335,6 +338,9 @@ class InfluenceCV(BaseEstimator):
             correction_share=eff.correction_share,
             test_loss=eff.loss_in_sample + eff.delta_loss,
             param_change_norm=eff.param_change_norm,
+            leverage=eff.leverage,
+            amplification=eff.amplification,
+            safeguarded=eff.safeguarded,
         )
         self.estimator_ = est
         self.target_ = eff.target

@@ -56,6 +56,7 @@ def test_curvature_samples_must_be_positive(tiny_classification):
         )
 
 
+@pytest.mark.filterwarnings("ignore:The model is not at the optimum")
 def test_verbose_shows_a_bar_per_phase(tiny_classification, capfd):
     # verbose > 0: tqdm bars for the data passes and the CG iterations.
     pytest.importorskip("tqdm")
@@ -71,6 +72,7 @@ def test_verbose_shows_a_bar_per_phase(tiny_classification, capfd):
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.filterwarnings("ignore:The model is not at the optimum")
 def test_verbose_without_tqdm_prints_phase_lines(tiny_classification, capfd):
     # Without tqdm installed, verbose=1 still reports every phase on stderr;
     # InfluenceCV(verbose=1) shows the build of the cache it fits.
@@ -102,3 +104,56 @@ def test_verbose_without_tqdm_prints_phase_lines(tiny_classification, capfd):
         net, X, y
     )
     assert capfd.readouterr().err == ""
+
+
+def _optimal_logreg(X, y, lam):
+    """Logistic regression at the optimum of mean CE + lam/2 ||theta||^2."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(X.shape[1], 3).double()
+    opt = torch.optim.LBFGS(
+        net.parameters(),
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=0,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(X), y)
+        loss = loss + lam / 2 * sum((p * p).sum() for p in net.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return net
+
+
+def test_optimality_gap_tells_an_optimum_from_a_mismatch(tiny_classification):
+    # At the regularized optimum the gap is ~0 and fit is silent; the same
+    # model with 10x the damping, or an untrained one, is flagged.
+    import warnings
+
+    from sklearn_cif.exceptions import CIFWarning
+
+    _, X, y = tiny_classification
+    net = _optimal_logreg(X, y, 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CIFWarning)
+        est = ClusteredInfluenceEstimator(4, loss="cross_entropy", damping=0.05)
+        est.fit(net, X, y)
+    assert est.optimality_gap_ < 1e-4 and est.gradient_norm_ < 1e-6
+    with pytest.warns(CIFWarning, match="not at the optimum"):
+        off = ClusteredInfluenceEstimator(4, loss="cross_entropy", damping=0.5)
+        off.fit(net, X, y)
+    # independent check: ||mean gradient + lambda theta|| by autograd
+    net.zero_grad()
+    loss = torch.nn.functional.cross_entropy(net(X), y)
+    loss = loss + 0.25 * sum((p * p).sum() for p in net.parameters())
+    loss.backward()
+    norm = torch.cat([p.grad.reshape(-1) for p in net.parameters()]).norm()
+    assert off.gradient_norm_ == pytest.approx(norm.item(), rel=1e-8)
+    assert off.optimality_gap_ > 1
+    with pytest.warns(CIFWarning, match="not at the optimum"):
+        fresh = torch.nn.Linear(X.shape[1], 3).double()
+        ClusteredInfluenceEstimator(4, loss="cross_entropy").fit(fresh, X, y)

@@ -352,3 +352,35 @@ def test_cv_results_fit_time_and_metrics_attribute(tiny_classification):
     again = InfluenceCV(icv.estimator_, cv=KFold(3)).fit(net, X, y)
     np.testing.assert_array_equal(again.cv_results_["fit_time"], np.zeros(3))
     assert callable(sklearn_cif.metrics.fidelity_scorer)
+
+
+def test_cv_results_carry_each_folds_newton_diagnostics(tiny_classification):
+    # Leave-one-out with the dense solver: each fold's leverage is the
+    # output-space top eigenvalue h of H_i^{1/2} J_i (G + lambda I)^{-1}
+    # J_i^T H_i^{1/2} / N (computed here densely), below 1; first order
+    # carries no diagnostics.
+    from _oracles import dense_ggn, flat_params, make_f
+    from sklearn.model_selection import LeaveOneOut
+
+    net, X, y = tiny_classification
+    est = ClusteredInfluenceEstimator(
+        4, loss="cross_entropy", damping=LAM, solver="dense", random_state=0
+    )
+    icv = InfluenceCV(est, cv=LeaveOneOut()).fit(net, X, y)
+    res = icv.cv_results_
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    Hinv = torch.linalg.inv(dense_ggn(net, ce, X, y, LAM))
+    f, theta = make_f(net), flat_params(net)
+    for i in (0, 7):
+        J = torch.autograd.functional.jacobian(lambda t: f(t, X[i : i + 1])[0], theta)
+        p = torch.softmax(f(theta, X[i : i + 1])[0], 0).detach()
+        Hout = torch.diag(p) - torch.outer(p, p)
+        ev, Q = torch.linalg.eigh(Hout)
+        root = Q @ torch.diag(ev.clamp_min(0).sqrt()) @ Q.T
+        lev = torch.linalg.eigvalsh(root @ J @ Hinv @ J.T @ root / len(y))[-1]
+        assert res["leverage"][i] == pytest.approx(lev.item(), rel=1e-8)
+    assert np.all(res["leverage"] < 1) and not res["safeguarded"].any()
+    assert np.all(res["amplification"] >= 1 - 1e-12)
+    first = InfluenceCV(est, cv=LeaveOneOut(), target="if").fit(net, X, y)
+    assert np.isnan(first.cv_results_["leverage"]).all()
+    assert np.all(first.cv_results_["amplification"] == 1)
