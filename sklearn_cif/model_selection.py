@@ -186,8 +186,9 @@ class InfluenceCV(BaseEstimator):
         how far each fold's Newton step goes (``leverage``, NaN when not
         computed; ``amplification``, its output change over first order's;
         ``safeguarded``, True where the step was clipped at leverage 0.99 or
-        fell back to first order), ``score_time``, ``fit_time`` (the cache build time shared evenly among
-        the folds, 0 when the cache was reused) and
+        fell back to first order), ``score_time``, ``fit_time`` (the cache
+        build time shared evenly among the folds, 0 when the cache was
+        reused) and
         ``test_score`` (one scorer) or ``test_<name>`` (several).
     splits_ : list of (train, test) index arrays
         The folds that were predicted.

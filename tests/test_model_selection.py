@@ -372,8 +372,9 @@ def test_cv_results_carry_each_folds_newton_diagnostics(tiny_classification):
     Hinv = torch.linalg.inv(dense_ggn(net, ce, X, y, LAM))
     f, theta = make_f(net), flat_params(net)
     for i in (0, 7):
-        J = torch.autograd.functional.jacobian(lambda t: f(t, X[i : i + 1])[0], theta)
-        p = torch.softmax(f(theta, X[i : i + 1])[0], 0).detach()
+        xi = X[i : i + 1]
+        J = torch.autograd.functional.jacobian(lambda t, xi=xi: f(t, xi)[0], theta)
+        p = torch.softmax(f(theta, xi)[0], 0).detach()
         Hout = torch.diag(p) - torch.outer(p, p)
         ev, Q = torch.linalg.eigh(Hout)
         root = Q @ torch.diag(ev.clamp_min(0).sqrt()) @ Q.T
