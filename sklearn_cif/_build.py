@@ -433,6 +433,7 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
             optimality_gap=kw["optimality"][1],
             spectrum=None if precond is None else precond.evals.cpu().numpy(),
             complement=None if precond is None else 1.0 / precond.tail,
+            spectral_basis=None if not feats else precond.evecs.cpu().numpy(),
             jacobian_spectral=feats.get("F"),
             jacobian_gram=feats.get("gram"),
             output_hessians=feats.get("hess"),

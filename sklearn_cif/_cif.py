@@ -497,7 +497,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         X, y : array-like, default=None
             With ``X=None`` the loss is each subset's own mean training loss
             (the held-out loss of a CV fold); otherwise the mean loss over
-            ``(X, y)``, predicted to first order.
+            ``(X, y)``: first order in the parameter change, along the
+            clustered first-order change (``target`` ``"auto"``/``"if"``)
+            or the subset's Newton step (``target="retrain"``).
         target : {"auto", "retrain", "if"}, default="auto"
             What the self effect predicts. ``"retrain"``: the loss change of
             actual retraining without the subset (a leave-k-out Newton step
@@ -523,7 +525,14 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         :math:`\frac1N \sum_c m_c(S)\,\alpha_c` with
         :math:`\alpha_c = \bar g_V^\top v_c` computed once per evaluation set
         and cached: each query costs :math:`O(|S| + C)`, read in cache-sized blocks
-        of queries with no ``(Q, N)`` matrix built.
+        of queries with no ``(Q, N)`` matrix built. That is why ``"auto"``
+        stays first order for evaluation sets. ``target="retrain"`` adds
+        the Newton step's correction
+        :math:`\sum_{i\in S} (J_i H^{-1}\bar g_V)^\top z_i` from the
+        cached features (one solve-free pass over ``(X, y)`` for
+        :math:`\bar g_V`, then the self effects' per-fold cost); it is exact
+        with the dense solver and drops the within-example complement with
+        CG.
         """
         cache = self._check_fitted()
         rows = SubsetRows(subsets, cache.n_samples_fit, assume_unique)
@@ -535,11 +544,12 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             return _queries.fold_effects(cache, ind, "retrain").delta_loss
         check_target(target)
         if target == "retrain":
-            raise ValueError(
-                "target='retrain' applies to self effects (X=None); evaluation-set "
-                "effects are first order, use target='auto' or 'if'."
-            )
-        return _queries.eval_effects(cache, rows, self._eval_alpha(cache, X, y))
+            self._resolve_target(target, cache)  # raises when not cached
+        alpha, g_v = self._eval_alpha(cache, X, y)
+        first = _queries.eval_effects(cache, rows, alpha)
+        if target != "retrain":
+            return first
+        return _queries.eval_newton_effects(cache, rows.indicator(), first, g_v)
 
     def fold_effects(self, subsets, *, target="auto"):
         """Everything a CV fold's prediction needs, for each subset, from the cache.
@@ -593,9 +603,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         cached = self.__dict__.get("_alpha_cache")
         if cached is None or cached[0] is not cache or cached[1] != key:
             g_v = passes.mean_gradient().cpu().numpy().astype(np.float64)
-            cached = (cache, key, cache.responses.astype(np.float64) @ g_v)
+            cached = (cache, key, cache.responses.astype(np.float64) @ g_v, g_v)
             self._alpha_cache = cached  # one assignment: safe under threads
-        return cached[2]
+        return cached[2], cached[3]
 
     def transform(self, X, y=None):
         r"""Influence coordinates of each example, ``(n, C)``.

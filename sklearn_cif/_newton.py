@@ -125,7 +125,8 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
     Returns
     -------
     NewtonEffects
-        ``delta`` (Q,), ``out_change`` (nnz, d), and per fold ``leverage``
+        ``delta`` (Q,), ``out_change`` (nnz, d), ``z`` (nnz, d) with
+        :math:`d_N = u + \tilde H^{-1} J_S^\top z`, and per fold ``leverage``
         (NaN where the fold was solved through the eigendirections),
         ``amplification`` and ``safeguarded`` (clipped or first order).
     """
@@ -135,6 +136,7 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
     res = NewtonEffects(
         delta=np.empty(Q),
         out_change=np.empty_like(w_means),
+        z=np.empty_like(w_means),
         leverage=np.full(Q, np.nan),
         amplification=np.ones(Q),
         safeguarded=np.zeros(Q, dtype=bool),
@@ -164,6 +166,7 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
         quad = np.einsum("mi,mij,mj->", out, Hs, out)
         res.delta[q] = first[q] + N / m * float((w * z).sum()) + quad / (2 * m)
         res.out_change[lo:hi] = out
+        res.z[lo:hi] = z
         norm_w = np.linalg.norm(w)
         res.amplification[q] = np.linalg.norm(out) / norm_w if norm_w > 0 else 1.0
     return res
@@ -232,6 +235,7 @@ class NewtonEffects:
 
     delta: np.ndarray
     out_change: np.ndarray
+    z: np.ndarray
     leverage: np.ndarray
     amplification: np.ndarray
     safeguarded: np.ndarray

@@ -21,6 +21,7 @@ __all__ = [
     "FoldEffects",
     "error_bound",
     "eval_effects",
+    "eval_newton_effects",
     "fold_effects",
     "membership",
     "param_change",
@@ -196,6 +197,40 @@ def fold_effects(cache, ind, target):
         ),
         **newton,
     )
+
+
+def eval_newton_effects(cache, ind, first_eval, g_eval):
+    r"""Evaluation-set loss change along each subset's Newton step, ``(Q,)``.
+
+    :math:`\bar g_V^\top d_N = \bar g_V^\top u + \sum_{i \in S} (J_i
+    \tilde H^{-1} \bar g_V)^\top z_i` (Woodbury, as the self effects), with
+    :math:`J_i \tilde H^{-1} \bar g_V` read from the cached eigenbasis:
+    exact with every eigenpair (dense solver); with CG only its top-``r``
+    part (the complement part needs ``J_i g_V``, which the cache does not
+    hold).
+    """
+    N = cache.n_samples_fit
+    M = np.asarray(membership(cache, ind).todense())
+    first_self, _ = self_effect(cache, ind, M)
+    d_out = _member_output_changes(cache, ind, M)
+    res = _newton.newton_effects(
+        ind,
+        first_self,
+        d_out,
+        N,
+        1.0 / cache.spectrum,
+        cache.complement,
+        cache.newton_features(),
+    )
+    U = cache.spectral_basis.astype(np.float64)
+    coef = (U @ g_eval) / cache.spectrum.astype(np.float64)  # D U g_V
+    members = ind.indices
+    JHg = np.einsum(
+        "ndr,r->nd", cache.jacobian_spectral[members].astype(np.float64), coef
+    )
+    per_member = (JHg * res.z).sum(1)
+    rows = np.repeat(np.arange(ind.shape[0]), np.diff(ind.indptr))
+    return first_eval + np.bincount(rows, per_member, minlength=ind.shape[0])
 
 
 def eval_effects(cache, rows, alpha):

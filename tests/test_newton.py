@@ -241,6 +241,40 @@ def test_retrain_target_predicts_actual_retraining_better(digits):
     assert abs(np.log(ratio_newton)) < abs(np.log(ratio_if))
 
 
+@pytest.mark.parametrize("n_clusters", [3, None])
+def test_evaluation_set_newton_step_matches_the_dense_one(
+    n_clusters, tiny_classification
+):
+    # loss_change(S, X_V, y_V, target="retrain") with the dense solver is
+    # g_V^T (H - (m/N) G_S)^{-1} b exactly (float64), for any clustering
+    # once the clustered first-order part is replaced by its exact value;
+    # with one cluster per example it is exact as a whole.
+    net, X, y = tiny_classification
+    C = len(y) if n_clusters is None else n_clusters
+    est = ClusteredInfluenceEstimator(
+        C, loss="cross_entropy", damping=LAM, solver="dense", random_state=0
+    ).fit(net, X, y)
+    XV, yV = X[:9] + 0.1, y[:9]
+    _, g, H = dense_influence(net, CE, X, y, LAM, FOLDS)
+    g_v = dense_influence(net, CE, XV, yV, LAM, [np.arange(9)])[1].mean(0)
+    n = len(y)
+    newton, first = [], []
+    for S in FOLDS:
+        G_S = dense_ggn(net, CE, X[S], y[S], 0.0)
+        b = g[S].sum(0) / n
+        newton.append((g_v @ torch.linalg.solve(H - len(S) / n * G_S, b)).item())
+        first.append((g_v @ torch.linalg.solve(H, b)).item())
+    got = est.loss_change(FOLDS, XV, yV, target="retrain")
+    got_first = est.loss_change(FOLDS, XV, yV)  # auto: first order
+    # the Newton correction is exact whatever the clustering
+    np.testing.assert_allclose(
+        got - got_first, np.array(newton) - first, rtol=1e-8, atol=1e-12
+    )
+    if n_clusters is None:
+        np.testing.assert_allclose(got, newton, rtol=1e-8)
+    assert np.all(np.abs(np.array(newton) - first) > 1e-6 * np.abs(first))
+
+
 def test_target_choices_and_errors(tiny_classification):
     net, X, y = tiny_classification
     kw = dict(loss="cross_entropy", damping=LAM, random_state=0)
@@ -250,8 +284,6 @@ def test_target_choices_and_errors(tiny_classification):
     assert not np.allclose(est.loss_change(FOLDS, target="if"), retrain)
     with pytest.raises(ValueError, match="target='newton'"):
         est.loss_change(FOLDS, target="newton")
-    with pytest.raises(ValueError, match="evaluation-set effects are first order"):
-        est.loss_change(FOLDS, X, y, target="retrain")
     # without the spectral features "auto" is first order and "retrain" refused
     plain = ClusteredInfluenceEstimator(5, residual_correction="none", **kw)
     with pytest.raises(ValueError, match="residual_correction='auto' or 'full'"):
