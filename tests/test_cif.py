@@ -265,6 +265,7 @@ def test_cg_maxiter_warns(tiny_classification):
         (dict(cg_tol=-1.0), "cg_tol"),
         (dict(batch_size=0), "batch_size"),
         (dict(loss="hinge"), "loss='hinge'"),
+        (dict(solver="cholesky"), "solver='cholesky'"),
     ],
 )
 def test_bad_parameters_raise(tiny_classification, kwargs, match):

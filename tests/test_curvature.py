@@ -127,6 +127,30 @@ def test_a_registered_curvature_is_used_end_to_end(tiny_classification):
         np.testing.assert_allclose(
             est.fit(net, X, y).param_change(folds), ref, rtol=1e-9, atol=1e-12
         )
+    # an operator without dense(): "auto" solves by CG, "dense" is refused
+    assert cif.solver_ == "cg"
+    with pytest.raises(ValueError, match="solver='dense' needs a curvature"):
+        cif.set_params(solver="dense").fit(net, X, y)
+
+
+def test_auto_solver_follows_the_documented_thresholds(
+    tiny_classification, monkeypatch
+):
+    # p <= DENSE_MAX_PARAMS and N d p <= DENSE_MAX_FEATURES: dense; past
+    # either threshold: CG.
+    import sklearn_cif._build as build
+
+    net, X, y = tiny_classification
+    p = sum(q.numel() for q in net.parameters())
+    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
+    assert est.fit(net, X, y).solver_ == "dense"
+    monkeypatch.setattr(build, "DENSE_MAX_PARAMS", p - 1)
+    assert est.fit(net, X, y).solver_ == "cg"
+    monkeypatch.setattr(build, "DENSE_MAX_PARAMS", p)
+    monkeypatch.setattr(build, "DENSE_MAX_FEATURES", len(y) * 3 * p - 1)
+    assert est.fit(net, X, y).solver_ == "cg"
+    monkeypatch.setattr(build, "DENSE_MAX_FEATURES", len(y) * 3 * p)
+    assert est.fit(net, X, y).solver_ == "dense"
 
 
 def test_unknown_curvature_is_refused(tiny_classification):
