@@ -38,6 +38,12 @@ __all__ = ["DENSE_MAX_FEATURES", "DENSE_MAX_PARAMS", "BuildConfig", "build_cache
 # optimality_gap above which fit warns: the leftover regularized gradient
 # pulls harder than resampling the training set would.
 MAX_OPTIMALITY_GAP = 1.0
+# correction_rank="auto": ranks tried in turn, until the first eigenvalue left
+# out is within (1 + AUTO_RANK_TAIL) of the damping (the complement's inverse
+# then errs by at most that factor), or the Newton features N x d x r would
+# pass DENSE_MAX_FEATURES.
+AUTO_RANKS = (128, 256, 512)
+AUTO_RANK_TAIL = 1.0
 # solver="auto" factors the curvature when p is at most this (a p x p float64
 # matrix: 134 MB and ~9 s of eigh on 2 cores at p = 4096) ...
 DENSE_MAX_PARAMS = 4096
@@ -59,7 +65,7 @@ class BuildConfig:
     batch_size: int
     correction: str  # "full", "cross" or "none"
     solver: str  # "auto", "dense" or "cg"
-    correction_rank: int
+    correction_rank: int | str  # an int or "auto"
     n_calibration: int
     curvature_samples: int | None
     curvature: str
@@ -134,9 +140,9 @@ def build_cache(fmodel, X, y, config, seeds, settings):
         if full:
             with phase("spectrum") as bar:
                 like = means[:0]  # dtype and device
-                precond = spectral_preconditioner(
-                    op.matmat, op.n_params, op.damping, cfg.correction_rank,
-                    seeds.spectrum, like, bar,
+                precond = spectrum(
+                    op, cfg.correction_rank, seeds.spectrum, like,
+                    n * n_outputs(fmodel, X), bar,
                 )  # fmt: skip
         with phase("solve", desc="CG") as bar:
             sol = block_cg(
@@ -221,6 +227,26 @@ def choose_solver(solver, op, n_samples, n_out):
     p = op.n_params
     fits = p <= DENSE_MAX_PARAMS and n_samples * n_out * p <= DENSE_MAX_FEATURES
     return "dense" if can and fits else "cg"
+
+
+def spectrum(op, rank, seed, like, rows, bar=None):
+    """The spectral preconditioner at ``rank``, or grown to it under ``"auto"``.
+
+    ``rows`` is ``N d``, the rows of the Newton features each eigenpair adds.
+    """
+    if rank != "auto":
+        return spectral_preconditioner(
+            op.matmat, op.n_params, op.damping, rank, seed, like, bar
+        )
+    budget = DENSE_MAX_FEATURES // max(rows, 1)
+    fits = [r for r in AUTO_RANKS if r <= min(op.n_params, budget)]
+    for r in fits or AUTO_RANKS[:1]:
+        precond = spectral_preconditioner(
+            op.matmat, op.n_params, op.damping, r, seed, like, bar
+        )
+        if precond.tail <= (1 + AUTO_RANK_TAIL) * op.damping:
+            break
+    return precond
 
 
 def dense_eigh(A):
@@ -433,6 +459,11 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
             optimality_gap=kw["optimality"][1],
             spectrum=None if precond is None else precond.evals.cpu().numpy(),
             complement=None if precond is None else 1.0 / precond.tail,
+            truncation=None
+            if precond is None
+            else 0.0  # nothing left out
+            if kw["solver"] == "dense"
+            else float(1.0 - kw["cfg"].damping / precond.tail),
             spectral_basis=None if not feats else precond.evecs.cpu().numpy(),
             jacobian_spectral=feats.get("F"),
             jacobian_gram=feats.get("gram"),

@@ -75,6 +75,7 @@ class CiFCache:
     optimality_gap: float = _scalar(float)
     spectrum: np.ndarray = _array("r", optional=True)
     complement: float = _scalar(float, optional=True)
+    truncation: float = _scalar(float, optional=True)
     spectral_basis: np.ndarray = _array("r", "p", optional=True)
     jacobian_spectral: np.ndarray = _array("N", "d", "r", optional=True)
     jacobian_gram: np.ndarray = _array("N", "d", "d", optional=True)

@@ -103,13 +103,19 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         ``"dense"`` when ``p <= 4096`` and the per-example Newton features
         of every eigenpair (``N d p`` numbers) fit in ``2**27``, else
         ``"cg"`` (the resolved choice is ``solver_``).
-    correction_rank : int, default=128
+    correction_rank : int or "auto", default="auto"
         Eigenpairs of the curvature in the spectral approximation of
         ``solver="cg"`` (the dense solver keeps all of them); they also
         precondition the CG solves. The Newton step of ``target="retrain"``
         needs more of them than the first-order correction: on the digits
         MLP (p = 2,410, KFold(50)) the median ratio to actual retraining was
-        0.56 / 0.65 / 0.84 / 1.07 at rank 32 / 64 / 128 / 256.
+        0.56 / 0.65 / 0.84 / 1.07 at rank 32 / 64 / 128 / 256. ``"auto"``
+        tries 128, 256 and 512 in turn and stops at the first rank whose
+        next eigenvalue is within twice the damping (the complement's
+        inverse is then off by at most 2x; ``truncation_`` records
+        ``1 - damping / theta_{r+1}``), or at the largest whose Newton
+        features (``N d r`` numbers) fit in ``2**27``. The kept rank is
+        ``len(spectrum_)``.
     n_calibration : int, default=32
         Examples solved exactly to calibrate the self-influence scale.
     curvature_samples : int or None, default=None
@@ -205,6 +211,10 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
     complement_ : float or None
         The inverse curvature used outside their eigenvectors (0 with the
         dense solver: there is no outside).
+    truncation_ : float or None
+        ``1 - damping / theta_{r+1}``: the largest relative error of the
+        complement's inverse on the eigenvalues left out (0 when nothing
+        but the damping is left out, and with the dense solver).
     jacobian_spectral_, jacobian_gram_, output_hessians_ : ndarray or None
         Per example: ``J_i U^T`` (N, d, r), ``J_i J_i^T`` (N, d, d) and the
         loss's output Hessian (N, d, d), for the Newton step of
@@ -280,7 +290,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         sketch="countsketch",
         residual_correction="auto",
         solver="auto",
-        correction_rank=128,
+        correction_rank="auto",
         n_calibration=32,
         curvature_samples=None,
         curvature="ggn",
@@ -352,9 +362,10 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             self.n_clusters, "n_clusters", numbers.Integral, min_val=1, max_val=n
         )
         check_scalar(self.sketch_dim, "sketch_dim", numbers.Integral, min_val=1)
-        check_scalar(
-            self.correction_rank, "correction_rank", numbers.Integral, min_val=1
-        )
+        if self.correction_rank != "auto":
+            check_scalar(
+                self.correction_rank, "correction_rank", numbers.Integral, min_val=1
+            )
         check_scalar(self.n_calibration, "n_calibration", numbers.Integral, min_val=1)
         if self.residual_correction not in _CORRECTIONS:
             raise ValueError(
@@ -376,7 +387,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             batch_size=int(self.batch_size),
             correction=_CORRECTIONS[self.residual_correction],
             solver=self.solver,
-            correction_rank=int(self.correction_rank),
+            correction_rank=self.correction_rank
+            if self.correction_rank == "auto"
+            else int(self.correction_rank),
             n_calibration=int(self.n_calibration),
             curvature_samples=self.curvature_samples,
             curvature=self.curvature,

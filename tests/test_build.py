@@ -157,3 +157,34 @@ def test_optimality_gap_tells_an_optimum_from_a_mismatch(tiny_classification):
     with pytest.warns(CIFWarning, match="not at the optimum"):
         fresh = torch.nn.Linear(X.shape[1], 3).double()
         ClusteredInfluenceEstimator(4, loss="cross_entropy").fit(fresh, X, y)
+
+
+def test_auto_rank_stops_at_the_first_rank_with_a_small_tail(
+    tiny_classification, monkeypatch
+):
+    # correction_rank="auto" (CG) keeps the first of AUTO_RANKS whose next
+    # eigenvalue of the dense damped GGN (independent oracle) is within
+    # (1 + AUTO_RANK_TAIL) * damping; truncation_ = 1 - damping / theta_{r+1}.
+    from _oracles import dense_ggn
+
+    import sklearn_cif._build as build
+
+    net, X, y = tiny_classification
+    lam = 0.02
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    theta = torch.linalg.eigvalsh(dense_ggn(net, ce, X, y, lam)).flip(0).numpy()
+    ranks = (2, 4, 8, 16)
+    monkeypatch.setattr(build, "AUTO_RANKS", ranks)
+    small = [r for r in ranks if theta[r] <= 2 * lam]
+    expected = small[0] if small else ranks[-1]
+    assert expected != ranks[0]  # the test exercises the growth
+    est = ClusteredInfluenceEstimator(
+        4, loss="cross_entropy", damping=lam, solver="cg", random_state=0
+    ).fit(net, X, y)
+    assert len(est.spectrum_) == expected
+    np.testing.assert_allclose(est.spectrum_, theta[:expected], rtol=1e-6)
+    assert est.truncation_ == pytest.approx(1 - lam / theta[expected], rel=1e-5)
+    # the features budget caps the rank
+    monkeypatch.setattr(build, "DENSE_MAX_FEATURES", len(y) * 3 * 4)
+    est.fit(net, X, y)
+    assert len(est.spectrum_) <= 4
