@@ -64,7 +64,7 @@ def main():
     train = time.perf_counter() - t0
     epoch = train / args.epochs
     ranks = [r if r == "auto" else int(r) for r in args.ranks]
-    builds = {}
+    builds, fitted = {}, []
     for rank in ranks:
         other = ClusteredInfluenceEstimator(
             random_state=0, damping=1e-3, correction_rank=rank
@@ -77,7 +77,8 @@ def main():
             "truncation": other.truncation_,
             "solver": other.solver_,
         }
-        est = other if rank == ranks[0] else est
+        fitted.append(other)
+    est = fitted[0]
     build = builds[str(ranks[0])]["build_s"]
     t0 = time.perf_counter()
     InfluenceCV(est, cv=KFold(100)).fit(net, X, y)
