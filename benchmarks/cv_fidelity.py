@@ -33,9 +33,9 @@ seeded random examples.
 Actual effect of a fold S: warm-started float64 LBFGS (a deep copy of the fitted
 net) on (1/N) sum_{i not in S} CE_i + lambda/2 ||theta||^2 (the FULL N, as in
 retrain_agreement.py) to an inf-norm gradient of 1e-9 (at most two rounds of
-bounded LBFGS runs and Newton steps; a refit whose Newton steps stop
-converging, in a flat valley, is kept and its gradient reported); the change
-of the fold's mean CE. The trained model and the refits
+bounded LBFGS runs and Newton steps; a refit still above 1e-9 is redone once
+with longer LBFGS runs, and one whose Newton steps stop converging, in a flat
+valley, is kept and its gradient reported); the change of the fold's mean CE. The trained model and the refits
 are cached in benchmarks/results/cv_fidelity_refits_<setup>.npz, each refit
 keyed by a hash of its fold indices and the model weights, so reruns only
 recompute the estimates.
@@ -83,6 +83,7 @@ from sklearn_cif import ClusteredInfluenceEstimator, PerQueryInfluence  # noqa: 
 RESULTS = pathlib.Path(__file__).parent / "results"
 TOL = 1e-9
 RATIO_BAND = (0.85, 1.2)
+RATIO_FLOOR = 1e-12  # |actual| at or below this is left out of the ratios
 SETUPS = {
     "lr_std_1e-3": dict(data="digits_std", arch="lr", lam=1e-3),
     "lr_raw_1e-4": dict(data="digits_raw", arch="lr", lam=1e-4),
@@ -96,6 +97,7 @@ SCHEMES = ("K50[:25]", "K100[:25]", "SS5%x20", "LOO60")
 TRAIN = dict(adam_epochs=600, adam_lr=1e-2, steps=20, max_iter=1000)
 TRAIN_POLISH = dict(rounds=6, newton=8, cg_iter=2000, give_up_when_slow=False)
 REFIT = dict(steps=3, max_iter=150)
+RETRY = dict(steps=2, max_iter=1000, rounds=2, newton=6, cg_iter=2000)
 METHOD = "_refit LBFGS runs, then Newton-CG polish (v5)"
 
 
@@ -391,30 +393,59 @@ def fold_key(theta_bytes, lam, fold):
     return h.hexdigest()
 
 
+def refit_once(net, Xt, yt, lam, test, budget):
+    keep = np.setdiff1d(np.arange(len(yt)), test)
+    m, g, runs = minimize(
+        copy.deepcopy(net), Xt[keep], yt[keep], len(yt), lam, **budget
+    )
+    with torch.no_grad():
+        before = F.cross_entropy(net(Xt[test]), yt[test]).item()
+        after = F.cross_entropy(m(Xt[test]), yt[test]).item()
+    return after - before, g, runs
+
+
 def refits(name, net, X, y, lam, fold_list, cache):
-    """Actual change of each fold's mean CE after retraining (cached per fold)."""
+    """Actual change of each fold's mean CE after retraining (cached per fold).
+
+    A refit left above TOL by the REFIT budget is redone once from the warm
+    start with RETRY (longer LBFGS runs), keeping the lower gradient: on the
+    first run, stopping early had moved the actual change by up to 4 %.
+    """
     theta_bytes = flat_params(net).tobytes()
     keys = [fold_key(theta_bytes, lam, f) for f in fold_list]
-    stored = {}
+    stored = {}  # key -> [actual, grad, seconds, (lbfgs runs, newton steps), retried]
     if "fold_keys" in cache:
+        retried = cache.get("refit_retried", np.zeros(len(cache["fold_keys"]), bool))
         for i, k in enumerate(cache["fold_keys"]):
-            stored[str(k)] = (
+            stored[str(k)] = [
                 float(cache["actual"][i]),
                 float(cache["refit_grad"][i]),
                 float(cache["refit_s"][i]),
                 tuple(int(v) for v in cache["refit_runs"][i]),
-            )
-    Xt, yt, n = torch.as_tensor(X), torch.as_tensor(y), len(y)
-    todo = [i for i, k in enumerate(keys) if k not in stored]
-    t_all = time.perf_counter()
+                bool(retried[i]),
+            ]
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+
+    def pending():
+        return [
+            i
+            for i, k in enumerate(keys)
+            if k not in stored or (stored[k][1] >= TOL and not stored[k][4])
+        ]
+
+    todo, t_all = pending(), time.perf_counter()
     for j, i in enumerate(todo):
-        t0, test = time.perf_counter(), fold_list[i]
-        keep = np.setdiff1d(np.arange(n), test)
-        m, g, runs = minimize(copy.deepcopy(net), Xt[keep], yt[keep], n, lam, **REFIT)
-        with torch.no_grad():
-            before = F.cross_entropy(net(Xt[test]), yt[test]).item()
-            after = F.cross_entropy(m(Xt[test]), yt[test]).item()
-        stored[keys[i]] = (after - before, g, time.perf_counter() - t0, runs)
+        t0, test, k = time.perf_counter(), fold_list[i], keys[i]
+        if k not in stored:
+            d, g, runs = refit_once(net, Xt, yt, lam, test, REFIT)
+            stored[k] = [d, g, time.perf_counter() - t0, runs, False]
+        if stored[k][1] >= TOL and not stored[k][4]:
+            t1 = time.perf_counter()
+            d, g, runs = refit_once(net, Xt, yt, lam, test, RETRY)
+            if g < stored[k][1]:
+                stored[k][:4] = [d, g, stored[k][2], runs]
+            stored[k][2] += time.perf_counter() - t1
+            stored[k][4] = True
         if j % 10 == 9 or j == len(todo) - 1:
             ks = list(stored)
             cache.update(
@@ -423,10 +454,11 @@ def refits(name, net, X, y, lam, fold_list, cache):
                 refit_grad=np.array([stored[k][1] for k in ks]),
                 refit_s=np.array([stored[k][2] for k in ks]),
                 refit_runs=np.array([stored[k][3] for k in ks]),
+                refit_retried=np.array([stored[k][4] for k in ks]),
             )
             save_cache(name, cache)
             print(
-                f"  {name}: {j + 1}/{len(todo)} refits, "
+                f"  {name}: {j + 1}/{len(todo)} refits or retries, "
                 f"{time.perf_counter() - t_all:.0f} s",
                 flush=True,
             )
@@ -436,6 +468,7 @@ def refits(name, net, X, y, lam, fold_list, cache):
         grad=rows[:, 1],
         seconds=rows[:, 2],
         runs=np.array([stored[k][3] for k in keys]).reshape(-1, 2),
+        retried=np.array([stored[k][4] for k in keys]),
         computed=len(todo),
     )
 
@@ -444,16 +477,20 @@ def exact_if(kind, net, X, y, fold_list, kw):
     """Exact first-order per-query IF (with self-influence) of every fold."""
     dropped = []
     if kind == "cif":
-        est = ClusteredInfluenceEstimator(
-            n_clusters=len(y), cg_tol=1e-10, random_state=0, **kw
-        ).fit(net, X, y)
+        exact = dict(n_clusters=len(y), cg_tol=1e-10, cg_maxiter=20000)
+        est = ClusteredInfluenceEstimator(**{"random_state": 0, **kw, **exact})
+        est.fit(net, X, y)
         if est.n_clusters_ != len(y):
             print(f"  warning: exact CiF has {est.n_clusters_} clusters, N = {len(y)}")
         return est.fold_effects(fold_list, target="if").delta_loss, dropped
     # batched: one block CG for all folds; the same solves as "sequential"
     # (agreed to 1e-11 on lr_std), >10x faster here.
     base = dict(
-        cg_tol=1e-10, damping=kw["damping"], loss=kw["loss"], query_mode="batched"
+        cg_tol=1e-10,
+        cg_maxiter=20000,  # lr_raw's systems need more than the default 1000
+        damping=kw["damping"],
+        loss=kw["loss"],
+        query_mode="batched",
     )
     extra = {k: v for k, v in kw.items() if k not in base}
     try:
@@ -465,10 +502,13 @@ def exact_if(kind, net, X, y, fold_list, kw):
 
 
 def score(pred, actual):
-    ratio = pred / actual
+    # A fold whose loss change is below float64's reach (a saturated example
+    # of lr_raw: CE ~ 1e-17 before and after) has no meaningful ratio.
+    ok = np.abs(actual) > RATIO_FLOOR
     return dict(
         spearman=float(spearmanr(pred, actual)[0]),
-        median_ratio=float(np.median(ratio)),
+        median_ratio=float(np.median(pred[ok] / actual[ok])),
+        n_ratio_excluded=int((~ok).sum()),
     )
 
 
@@ -498,6 +538,8 @@ def run(name, args, extra_kw):
         max_newton_steps=int(ref["runs"][:, 1].max()),
         n_newton_polished=int((ref["runs"][:, 1] > 0).sum()),
         n_nonpositive_actual=int((ref["actual"] <= 0).sum()),
+        n_retried=int(ref["retried"].sum()),
+        grad_quantiles_50_90_100=np.quantile(ref["grad"], [0.5, 0.9, 1]).tolist(),
     )
     if args.refits_only:
         return dict(p=p, training=trained, refits=refit_info)
@@ -538,6 +580,11 @@ def run(name, args, extra_kw):
         build_s=build,
         build_phases_s=dict(est.timings_),
         n_clusters_=int(est.n_clusters_),
+        solver_=est.solver_,
+        kept_rank=0 if est.spectrum_ is None else len(est.spectrum_),
+        truncation_=est.truncation_,
+        optimality_gap_=est.optimality_gap_,
+        safeguarded=int(fe.safeguarded.sum()),
         query_s=query,
         exact_if_method=args.exact,
         exact_if_s=exact_s,
@@ -577,6 +624,14 @@ def table(out):
         f"\n{len(hits)} of {total} cells have a default median ratio in "
         f"[{RATIO_BAND[0]}, {RATIO_BAND[1]}] and a Spearman >= exact IF's."
     )
+    for name, res in out.items():
+        for s, c in res["cells"].items():
+            if c["default"]["n_ratio_excluded"]:
+                print(
+                    f"{name}/{s}: {c['default']['n_ratio_excluded']} of "
+                    f"{c['n_folds']} folds with |actual| <= {RATIO_FLOOR:g} left "
+                    "out of the ratios"
+                )
     return dict(n_pass=len(hits), n_cells=total, passing=hits)
 
 
@@ -604,7 +659,8 @@ def main():
         print(
             f"{name}: training grad {res['training']['grad']:.1e}; refits max grad "
             f"{r['max_grad']:.1e} ({r['n_above_tol']} above {TOL:g}), "
-            f"{r['n_nonpositive_actual']} actual <= 0, {r['seconds_total']:.0f} s"
+            f"{r['n_retried']} retried, {r['n_nonpositive_actual']} actual <= 0, "
+            f"{r['seconds_total']:.0f} s"
         )
     if args.refits_only:
         return
