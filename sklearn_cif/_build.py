@@ -123,7 +123,8 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     curv_passes = passes if curv_idx is None else passes.subset(curv_idx)
     op = make_curvature(cfg.curvature, curv_passes, cfg.damping)
     full = cfg.correction == "full"  # at C = N the residuals are zero
-    solver = choose_solver(cfg.solver, op, n, n_outputs(fmodel, X))
+    n_out = n_outputs(fmodel, X)
+    solver = choose_solver(cfg.solver, op, n, n_out)
     precond = None
     if solver == "dense":
         with phase("curvature") as bar:
@@ -141,8 +142,7 @@ def build_cache(fmodel, X, y, config, seeds, settings):
             with phase("spectrum") as bar:
                 like = means[:0]  # dtype and device
                 precond = spectrum(
-                    op, cfg.correction_rank, seeds.spectrum, like,
-                    n * n_outputs(fmodel, X), bar,
+                    op, cfg.correction_rank, seeds.spectrum, like, n * n_out, bar,
                 )  # fmt: skip
         with phase("solve", desc="CG") as bar:
             sol = block_cg(

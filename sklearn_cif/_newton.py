@@ -71,7 +71,7 @@ def jacobian_kernel(fmodel, labels, means, U, max_elements=2**24):
     def kernel(outer, x, t):
         out = fmodel.forward(fmodel.theta, x).detach()
         d = out[0].numel()
-        e, H = output_derivatives(fmodel, out, t)
+        e, H, _ = output_derivatives(fmodel, out, t)
         parts = {key: [] for key in ("F", "gram", "hess", "Jr", "Ur")}
         # Bound (examples x outputs x parameters) held at once.
         step = max(1, max_elements // (d * fmodel.n_params))

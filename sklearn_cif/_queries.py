@@ -156,6 +156,19 @@ def _member_output_changes(cache, ind, M, chunk=2**16):
     return out / cache.n_samples_fit
 
 
+def _newton_step(cache, ind, first, d_out):
+    """Each subset's Newton step from the cached features (``NewtonEffects``)."""
+    return _newton.newton_effects(
+        ind,
+        first,
+        d_out,
+        cache.n_samples_fit,
+        1.0 / cache.spectrum,
+        cache.complement,
+        cache.newton_features(),
+    )
+
+
 def fold_effects(cache, ind, target):
     """Self effects of CSR subsets under a resolved target, as :class:`FoldEffects`."""
     N = cache.n_samples_fit
@@ -166,15 +179,7 @@ def fold_effects(cache, ind, target):
     first, plain = self_effect(cache, ind, M)
     delta, newton = first, {}
     if target == "retrain":
-        res = _newton.newton_effects(
-            ind,
-            first,
-            d_out,
-            N,
-            1.0 / cache.spectrum,
-            cache.complement,
-            cache.newton_features(),
-        )
+        res = _newton_step(cache, ind, first, d_out)
         delta, d_out = res.delta, res.out_change
         newton = dict(
             leverage=res.leverage,
@@ -209,19 +214,9 @@ def eval_newton_effects(cache, ind, first_eval, g_eval):
     part (the complement part needs ``J_i g_V``, which the cache does not
     hold).
     """
-    N = cache.n_samples_fit
     M = np.asarray(membership(cache, ind).todense())
     first_self, _ = self_effect(cache, ind, M)
-    d_out = _member_output_changes(cache, ind, M)
-    res = _newton.newton_effects(
-        ind,
-        first_self,
-        d_out,
-        N,
-        1.0 / cache.spectrum,
-        cache.complement,
-        cache.newton_features(),
-    )
+    res = _newton_step(cache, ind, first_self, _member_output_changes(cache, ind, M))
     U = cache.spectral_basis.astype(np.float64)
     coef = (U @ g_eval) / cache.spectrum.astype(np.float64)  # D U g_V
     members = ind.indices

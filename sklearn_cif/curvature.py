@@ -200,9 +200,9 @@ class DampedGGNOperator:
 
         def kernel(x, y, acc):
             out = fm.forward(fm.theta, x).detach()
-            _, H = output_derivatives(fm, out, y)
+            _, H, clipped = output_derivatives(fm, out, y)
             if not self._reported:
-                self._n_clipped += fm.loss.n_clipped(fm.loss.hessian_state(out, y))
+                self._n_clipped += clipped
             step = max(1, self.max_elements // (H.shape[1] * p))
             for rows in iter_batches(x.shape[0], step):
                 J = output_jacobians(fm, x[rows]).double()

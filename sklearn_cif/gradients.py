@@ -52,7 +52,11 @@ def output_jvp(fmodel, x, V):
 
 
 def output_derivatives(fmodel, out, t):
-    """The loss's output gradient ``(b, d)`` and Hessian ``(b, d, d)`` at ``out``."""
+    """The loss's output gradient ``(b, d)``, Hessian ``(b, d, d)`` and clip count.
+
+    The count is the batch's examples whose output Hessian the loss clipped
+    to be PSD (:meth:`~sklearn_cif.losses.OutputLoss.n_clipped`).
+    """
     b = out.shape[0]
     z = out.detach().requires_grad_(True)
     (e,) = torch.autograd.grad(fmodel.loss.value(z, t).sum(), z)
@@ -61,7 +65,8 @@ def output_derivatives(fmodel, out, t):
     basis = torch.eye(d, dtype=out.dtype, device=out.device)
     basis = basis[:, None, :].expand(d, b, d).reshape(d, *out.shape)
     H = vmap(lambda u: fmodel.loss.hvp_from_state(state, z.detach(), t, u))(basis)
-    return e.reshape(b, d), H.reshape(d, b, d).permute(1, 2, 0)
+    H = H.reshape(d, b, d).permute(1, 2, 0)
+    return e.reshape(b, d), H, fmodel.loss.n_clipped(state)
 
 
 def _loop_jacobians(single, theta, x):

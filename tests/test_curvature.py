@@ -88,6 +88,11 @@ def test_clipping_counts_each_example_once_across_column_blocks():
     op = DampedGGNOperator(DataPasses(fm, X, y, 4), damping=0.5, max_elements=1)
     with pytest.warns(CIFWarning, match="for 10 of 10 examples"):
         op.to_dense()
+    # the one-pass dense build counts the same way and gives lambda I
+    op = DampedGGNOperator(DataPasses(fm, X, y, 4), damping=0.5, max_elements=1)
+    with pytest.warns(CIFWarning, match="for 10 of 10 examples"):
+        dense = op.dense()
+    torch.testing.assert_close(dense, 0.5 * torch.eye(8, dtype=torch.float64))
 
 
 def test_operator_counts_products_and_passes(tiny_classification):
