@@ -56,6 +56,8 @@ def _token(value):
         return value.item() if hasattr(value, "item") else value
     if isinstance(value, (list, tuple)):
         return [_token(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _token(v) for k, v in value.items()}
     name = getattr(value, "__qualname__", type(value).__name__)
     return f"<{'callable ' if callable(value) else ''}{name}>"
 
@@ -78,6 +80,8 @@ def _plain(value):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _plain(v)) for k, v in value.items()))
     return value.item() if isinstance(value, np.generic) else value
 
 

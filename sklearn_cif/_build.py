@@ -59,7 +59,7 @@ class BuildConfig:
     n_clusters: int
     sketch: str
     sketch_dim: int
-    damping: float
+    damping: float | np.ndarray  # uniform, or the (p,) diagonal
     cg_tol: float
     cg_maxiter: int | None
     batch_size: int
@@ -91,6 +91,7 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     cache : CiFCache
     """
     cfg, timer = config, Timer()
+    floor = float(np.min(cfg.damping))  # min_j lambda_j
     fingerprint = data_fingerprint(X, y)  # before any pass: fails fast
     passes = DataPasses(fmodel, X, y, cfg.batch_size)
     n = passes.n_samples
@@ -142,7 +143,8 @@ def build_cache(fmodel, X, y, config, seeds, settings):
             with phase("spectrum") as bar:
                 like = means[:0]  # dtype and device
                 precond = spectrum(
-                    op, cfg.correction_rank, seeds.spectrum, like, n * n_out, bar,
+                    op, cfg.correction_rank, seeds.spectrum, like, n * n_out, floor,
+                    bar,
                 )  # fmt: skip
         with phase("solve", desc="CG") as bar:
             sol = block_cg(
@@ -169,7 +171,7 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     return assemble(
         first, labels, means, sol, infl, scale, outs, feats, precond,
         curv_idx=curv_idx, op=op, passes=passes, cfg=cfg, timer=timer, solver=solver,
-        optimality=opt,
+        optimality=opt, floor=floor,
         fmodel=fmodel, data=(X, fingerprint), settings=settings, seeds=seeds,
     )  # fmt: skip
 
@@ -186,7 +188,7 @@ def optimality(fmodel, first, labels, means, damping):
     r"""How far the model is from the optimum the estimates assume, from the cache.
 
     The regularized gradient :math:`\nabla J = \frac1N \sum_i g_i +
-    \lambda\theta` (the cluster means weighted by their sizes) in units of
+    \Lambda\theta` (the cluster means weighted by their sizes) in units of
     the sampling noise of a mean gradient, :math:`\sqrt{\overline{\|g_i\|^2}
     / N}`: 0 at the optimum of :math:`\frac1N\sum_i \ell_i +
     \frac\lambda2\|\theta\|^2`. Above 1 the leftover gradient pulls
@@ -204,7 +206,8 @@ def optimality(fmodel, first, labels, means, damping):
     ).to(means.device)
     mean_grad = sizes @ means.double() / n
     theta = fmodel.flatten(fmodel.theta).double()
-    norm = float(torch.linalg.vector_norm(mean_grad + damping * theta))
+    lam = torch.as_tensor(damping, dtype=torch.float64).to(theta)
+    norm = float(torch.linalg.vector_norm(mean_grad + lam * theta))
     noise = float(np.sqrt(np.mean(first["sq_norms"]) / n))
     return norm, (norm / noise if noise > 0 else 0.0)
 
@@ -229,22 +232,23 @@ def choose_solver(solver, op, n_samples, n_out):
     return "dense" if can and fits else "cg"
 
 
-def spectrum(op, rank, seed, like, rows, bar=None):
+def spectrum(op, rank, seed, like, rows, floor, bar=None):
     """The spectral preconditioner at ``rank``, or grown to it under ``"auto"``.
 
-    ``rows`` is ``N d``, the rows of the Newton features each eigenpair adds.
+    ``rows`` is ``N d``, the rows of the Newton features each eigenpair adds;
+    ``floor`` the smallest damping, a lower bound on the spectrum.
     """
     if rank != "auto":
         return spectral_preconditioner(
-            op.matmat, op.n_params, op.damping, rank, seed, like, bar
+            op.matmat, op.n_params, floor, rank, seed, like, bar
         )
     budget = DENSE_MAX_FEATURES // max(rows, 1)
     fits = [r for r in AUTO_RANKS if r <= min(op.n_params, budget)]
     for r in fits or AUTO_RANKS[:1]:
         precond = spectral_preconditioner(
-            op.matmat, op.n_params, op.damping, r, seed, like, bar
+            op.matmat, op.n_params, floor, r, seed, like, bar
         )
-        if precond.tail <= (1 + AUTO_RANK_TAIL) * op.damping:
+        if precond.tail <= (1 + AUTO_RANK_TAIL) * floor:
             break
     return precond
 
@@ -463,7 +467,11 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
             if precond is None
             else 0.0  # nothing left out
             if kw["solver"] == "dense"
-            else float(1.0 - kw["cfg"].damping / precond.tail),
+            else float(1.0 - kw["floor"] / precond.tail),
+            damping_floor=kw["floor"],
+            damping_diagonal=None
+            if np.ndim(kw["cfg"].damping) == 0
+            else np.asarray(kw["cfg"].damping, dtype=np.float64),
             spectral_basis=None if not feats else precond.evecs.cpu().numpy(),
             jacobian_spectral=feats.get("F"),
             jacobian_gram=feats.get("gram"),

@@ -76,6 +76,8 @@ class CiFCache:
     spectrum: np.ndarray = _array("r", optional=True)
     complement: float = _scalar(float, optional=True)
     truncation: float = _scalar(float, optional=True)
+    damping_floor: float = _scalar(float)
+    damping_diagonal: np.ndarray = _array("p", optional=True)
     spectral_basis: np.ndarray = _array("r", "p", optional=True)
     jacobian_spectral: np.ndarray = _array("N", "d", "r", optional=True)
     jacobian_gram: np.ndarray = _array("N", "d", "d", optional=True)

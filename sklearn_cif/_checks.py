@@ -2,6 +2,7 @@
 
 import hashlib
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ __all__ = [
     "check_solver_params",
     "data_fingerprint",
     "n_features",
+    "resolve_damping",
     "n_outputs",
     "resolve_fit_args",
 ]
@@ -103,13 +105,89 @@ def n_features(X):
     return int(np.prod(X.shape[1:]))
 
 
-def check_solver_params(damping, cg_tol, cg_maxiter, batch_size, curvature_samples):
-    """Validate the parameters every influence estimator shares."""
+# damping="auto" for a model that declares no penalty (torch modules, skorch nets)
+DEFAULT_DAMPING = 1e-3
+
+
+def _check_damping(damping):
+    if isinstance(damping, str):
+        if damping != "auto":
+            raise ValueError(
+                f"damping={damping!r}; expected 'auto', a positive float or a dict "
+                "{parameter name: float >= 0}."
+            )
+        return
+    if isinstance(damping, Mapping):
+        for name, value in damping.items():
+            if (
+                not isinstance(value, numbers.Real)
+                or not np.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(
+                    f"damping[{name!r}]={value!r}; each value must be a finite "
+                    "float >= 0."
+                )
+        return
     check_scalar(
         damping, "damping", numbers.Real, min_val=0, include_boundaries="neither"
     )
     if not np.isfinite(damping):
         raise ValueError(f"damping={damping} must be finite.")
+
+
+def resolve_damping(damping, fmodel, n_samples):
+    r"""The damping :math:`\lambda` of every selected parameter.
+
+    Parameters
+    ----------
+    damping : "auto", float or dict
+        ``"auto"``: the model's own L2 penalty per parameter when it
+        declares one (scikit-learn models), else :data:`DEFAULT_DAMPING`.
+        A float: the same value on every parameter. A dict: one value per
+        selected parameter name (every one of them, no other).
+    fmodel : FunctionalModel
+    n_samples : int
+        Training set size (scikit-learn penalties are written for sums).
+
+    Returns
+    -------
+    damping : float or ndarray of shape (p,)
+        A float when every parameter has the same positive value (the
+        uniform path, bitwise as before), else the float64 diagonal.
+    """
+    _check_damping(damping)
+    if isinstance(damping, str):
+        per_param = None if fmodel.penalty is None else fmodel.penalty(n_samples)
+        if per_param is None:
+            return DEFAULT_DAMPING
+    elif isinstance(damping, Mapping):
+        per_param = dict(damping)
+        missing = [n for n in fmodel.names if n not in per_param]
+        unknown = [n for n in per_param if n not in fmodel.names]
+        if missing or unknown:
+            raise ValueError(
+                f"damping names {unknown} that are not selected parameters and "
+                f"misses {missing}; a dict needs exactly the names "
+                f"{list(fmodel.names)}."
+            )
+    else:
+        return float(damping)
+    parts = [
+        np.broadcast_to(
+            np.asarray(per_param[n], dtype=np.float64), tuple(shape)
+        ).reshape(-1)
+        for n, shape in zip(fmodel.names, fmodel.shapes, strict=True)
+    ]
+    vec = np.concatenate(parts)
+    if vec[0] > 0 and np.all(vec == vec[0]):
+        return float(vec[0])
+    return vec
+
+
+def check_solver_params(damping, cg_tol, cg_maxiter, batch_size, curvature_samples):
+    """Validate the parameters every influence estimator shares."""
+    _check_damping(damping)
     check_scalar(cg_tol, "cg_tol", numbers.Real)
     if not 0 < cg_tol < 1:  # NaN fails too; at >= 1 CG would stop at x = 0
         raise ValueError(

@@ -29,6 +29,7 @@ from sklearn_cif._checks import (
     check_data,
     check_solver_params,
     data_fingerprint,
+    resolve_damping,
     resolve_fit_args,
 )
 from sklearn_cif._newton import MAX_OUTPUTS
@@ -63,10 +64,18 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         dropped, see ``n_clusters_``).
     sketch_dim : int, default=256
         Sketch dimension ``k``.
-    damping : float, default=1e-3
+    damping : "auto", float or dict, default="auto"
         :math:`\lambda`; equals the training L2 coefficient for the removal
-        objective :math:`\frac1N \sum_{i \notin S} \ell_i + \frac\lambda2
-        \|\theta\|^2` (skorch: the optimizer's ``weight_decay``).
+        objective :math:`\frac1N \sum_{i \notin S} \ell_i + \frac12
+        \sum_j \lambda_j \theta_j^2` (skorch: the optimizer's
+        ``weight_decay``). A float puts the same value on every parameter; a
+        dict ``{parameter name: float >= 0}`` one per selected parameter
+        (e.g. 0 on biases). ``"auto"``: a scikit-learn model's own penalty
+        (``1 / (C N)`` on a ``LogisticRegression``'s coefficients, ``2 alpha /
+        N`` on a ``Ridge``'s, ``alpha / N`` on an ``MLPClassifier``'s
+        weights, 0 on intercepts and biases; see
+        :func:`~sklearn_cif.sklearn_models.to_torch`), else ``1e-3``. The
+        resolved values are ``damping_floor_`` and ``damping_diagonal_``.
     cg_tol : float, default=1e-5
         Target relative residual of each CG solve.
     cg_maxiter : int or None, default=None
@@ -211,8 +220,14 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
     complement_ : float or None
         The inverse curvature used outside their eigenvectors (0 with the
         dense solver: there is no outside).
+    damping_floor_ : float
+        The smallest damping :math:`\min_j \lambda_j` (the damping itself
+        when it is uniform).
+    damping_diagonal_ : ndarray of shape (p,) or None
+        The damping of every parameter when it is not uniform (resolved from
+        a dict or a scikit-learn model's penalty), else ``None``.
     truncation_ : float or None
-        ``1 - damping / theta_{r+1}``: the largest relative error of the
+        ``1 - damping_floor_ / theta_{r+1}``: the largest relative error of the
         complement's inverse on the eigenvalues left out (0 when nothing
         but the damping is left out, and with the dense solver).
     jacobian_spectral_, jacobian_gram_, output_hessians_ : ndarray or None
@@ -281,7 +296,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         n_clusters=50,
         *,
         sketch_dim=256,
-        damping=1e-3,
+        damping="auto",
         cg_tol=1e-5,
         cg_maxiter=None,
         batch_size=256,
@@ -340,8 +355,8 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         model, X, y = resolve_fit_args(self.model, model, X, y)
         X, y = check_data(X, y)
         pinned = self._fit_snapshot()
-        config = self._build_config(n_rows(y, "y"))
         fmodel = self._new_fmodel(model, X, y)
+        config = self._build_config(n_rows(y, "y"), fmodel)
         seeds = draw_seeds(check_random_state(self.random_state))
         cache = build_cache(fmodel, X, y, config, seeds, self._settings_now(pinned))
         self._install(cache, model, fmodel, pinned)
@@ -352,7 +367,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             return _CORRECTIONS.get(value, value)
         return canonical_param(name, value)
 
-    def _build_config(self, n):
+    def _build_config(self, n, fmodel):
         """Validate the parameters; return them as a :class:`BuildConfig`."""
         check_solver_params(
             self.damping, self.cg_tol, self.cg_maxiter, self.batch_size,
@@ -381,7 +396,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             n_clusters=int(self.n_clusters),
             sketch=self.sketch,
             sketch_dim=int(self.sketch_dim),
-            damping=float(self.damping),
+            damping=resolve_damping(self.damping, fmodel, n),
             cg_tol=float(self.cg_tol),
             cg_maxiter=self.cg_maxiter,
             batch_size=int(self.batch_size),
@@ -714,4 +729,4 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             min_val=1,
             max_val=cache.n_samples_fit,
         )
-        return _queries.error_bound(cache, m, cache.settings["damping"])
+        return _queries.error_bound(cache, m)

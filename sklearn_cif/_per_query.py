@@ -14,6 +14,7 @@ from sklearn_cif._checks import (
     check_solver_params,
     data_fingerprint,
     n_features,
+    resolve_damping,
     resolve_fit_args,
 )
 from sklearn_cif._queries import FoldEffects
@@ -41,8 +42,9 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
 
     Parameters
     ----------
-    damping : float, default=1e-3
-        :math:`\lambda`, the training L2 coefficient.
+    damping : "auto", float or dict, default="auto"
+        :math:`\lambda`, the training L2 coefficient, as in
+        :class:`~sklearn_cif.ClusteredInfluenceEstimator`.
     cg_tol : float, default=1e-5
         Target relative residual of each CG solve.
     cg_maxiter : int or None, default=None
@@ -115,7 +117,7 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
     def __init__(
         self,
         *,
-        damping=1e-3,
+        damping="auto",
         cg_tol=1e-5,
         cg_maxiter=None,
         batch_size=256,
@@ -229,8 +231,9 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         idx = cache.curvature_indices
         return passes, passes if idx is None else passes.subset(idx)
 
-    def _solve(self, curv_passes, B):
-        op = make_curvature(self.curvature, curv_passes, self.damping)
+    def _solve(self, curv_passes, B, cache):
+        lam = resolve_damping(self.damping, curv_passes.fmodel, cache.n_samples_fit)
+        op = make_curvature(self.curvature, curv_passes, lam)
         kw = dict(tol=self.cg_tol, maxiter=self.cg_maxiter)
         if self.query_mode == "batched":
             sol = block_cg(op.matmat, B, **kw).x
@@ -247,7 +250,7 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
             ind.indices[ind.indptr[q] : ind.indptr[q + 1]] for q in range(ind.shape[0])
         ]
         sums = passes.group_sums(groups)
-        return passes, sums, self._solve(curv, sums / cache.n_samples_fit)
+        return passes, sums, self._solve(curv, sums / cache.n_samples_fit, cache)
 
     # -- queries ---------
     def param_change(self, subsets):
@@ -378,7 +381,7 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         )
         passes, curv = self._passes(cache)
         G_eval = torch.as_tensor(rows["G"], device=passes.fmodel.device)
-        W = self._solve(curv, G_eval)  # (n, p): H^{-1} grad l(x_j)
+        W = self._solve(curv, G_eval, cache)  # (n, p): H^{-1} grad l(x_j)
         cols = passes.map_rows(lambda idx, G, _: {"c": (W @ G.T).T}, gradients=True)
         return np.ascontiguousarray(cols["c"].T)
 

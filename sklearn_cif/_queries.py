@@ -243,10 +243,21 @@ def eval_effects(cache, rows, alpha):
     return out / cache.n_samples_fit
 
 
-def error_bound(cache, m, damping):
-    r"""The paper's bound terms for subsets of size ``m`` (see ``error_bound``)."""
+def error_bound(cache, m):
+    r"""The paper's bound terms for subsets of size ``m`` (see ``error_bound``).
+
+    :math:`\lambda` is the smallest damping, a lower bound on the spectrum of
+    the damped curvature; where it is 0 (unpenalized parameters) the dense
+    solver's smallest eigenvalue takes its place, and without one the
+    bound is infinite.
+    """
     N = cache.n_samples_fit
-    lam = float(damping)
+    lam = cache.damping_floor
+    if lam <= 0 and cache.solver == "dense" and cache.spectrum is not None:
+        lam = float(cache.spectrum.min())
+    if lam <= 0:
+        inf = float("inf")
+        return Bunch(scatter=inf, solver=inf, total=inf)
     fpc = m * (N - m) / (N - 1) if N > 1 else 0.0
     scatter = np.sqrt(fpc * cache.within_scatter) / (lam * N)
     weights = cache.cluster_sizes / N

@@ -10,6 +10,7 @@ flips, no in-place writes (STYLE.md, convention 2).
 import copy
 import hashlib
 import itertools
+import pickle
 import threading
 import warnings
 
@@ -18,7 +19,8 @@ import torch
 from sklearn.exceptions import NotFittedError
 
 from sklearn_cif.exceptions import CIFWarning
-from sklearn_cif.losses import resolve_loss, skorch_loss
+from sklearn_cif.losses import get_loss, resolve_loss, skorch_loss
+from sklearn_cif.sklearn_models import is_sklearn_model, to_torch
 
 __all__ = [
     "FunctionalModel",
@@ -65,7 +67,11 @@ def _is_skorch_net(model):
 
 def is_model(obj):
     """Whether ``obj`` is something ``fit`` accepts as the model."""
-    return isinstance(obj, torch.nn.Module) or _is_skorch_net(obj)
+    return (
+        isinstance(obj, torch.nn.Module)
+        or _is_skorch_net(obj)
+        or is_sklearn_model(obj)
+    )
 
 
 def _skorch_kind(net):
@@ -130,9 +136,22 @@ class FunctionalModel:
         Where parameters live and computation happens.
     squeeze_output : bool
         Reshape an ``(n, 1)`` output to ``(n,)`` (skorch's binary classifier).
+    feature_map : None or fitted transformer
+        Applied to every batch of ``X`` first (a pipeline's earlier steps).
+    classes : None or ndarray
+        Class labels in output order: targets are encoded as their index.
+    penalty : None or callable
+        ``n_samples -> {name: L2 coefficient}``, the training objective's
+        penalty (scikit-learn models); what ``damping="auto"`` uses.
     """
 
-    def __init__(self, module, loss, params=None, device="cpu", squeeze_output=False):
+    def __init__(
+        self, module, loss, params=None, device="cpu", squeeze_output=False,
+        feature_map=None, classes=None, penalty=None,
+    ):  # fmt: skip
+        self.feature_map = feature_map
+        self.classes = None if classes is None else np.asarray(classes)
+        self.penalty = penalty
         self.source = module  # only read, to fingerprint the user's current weights
         self.module = _inference_copy(module)
         # functional_call swaps tensors into ``self.module`` for the duration
@@ -230,17 +249,41 @@ class FunctionalModel:
         # np.require copies a read-only batch (torch cannot wrap it safely);
         # C order makes the kernels see the same layout whatever the user's
         # (a Fortran-ordered copy of X gives bitwise the same answers)
+        if self.feature_map is not None:
+            X = self._features(X)
         x = X.contiguous() if torch.is_tensor(X) else torch.as_tensor(_writable_c(X))
         if x.is_floating_point():
             x = x.to(self.dtype)
         x = x.to(self.device)
         if y is None:
             return x, None
+        if self.classes is not None:
+            y = self._encode(y)
         t = y if torch.is_tensor(y) else torch.as_tensor(_writable_c(y))
         return x, self.loss.prepare_target(t.to(self.device), self.dtype)
 
+    def _features(self, X):
+        Z = self.feature_map.transform(X.cpu().numpy() if torch.is_tensor(X) else X)
+        return np.asarray(Z.toarray() if hasattr(Z, "toarray") else Z)
+
+    def _encode(self, y):
+        """Class labels -> their index in ``classes`` (the output order)."""
+        y = y.cpu().numpy() if torch.is_tensor(y) else np.asarray(y)
+        idx = np.searchsorted(self.classes, y)
+        idx = np.clip(idx, 0, len(self.classes) - 1)
+        unknown = self.classes[idx] != y
+        if np.any(unknown):
+            raise ValueError(
+                f"y contains labels {np.unique(y[unknown]).tolist()[:5]} that are not "
+                f"among the model's classes_ {self.classes.tolist()}."
+            )
+        return idx.astype(np.int64)
+
     def fingerprint(self):
-        """Fingerprint of the user's module as it is now (detects later edits)."""
+        """Fingerprint of the user's model as it is now (detects later edits)."""
+        source = getattr(self, "source_model", None)
+        if source is not None:
+            return fingerprint_of(source)
         return model_fingerprint(
             dict(self.source.named_parameters()), dict(self.source.named_buffers())
         )
@@ -282,12 +325,10 @@ def as_functional(model, loss=None, params=None, device="auto"):
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     """
     dev = resolve_device(device)
-    if _is_skorch_net(model):
-        if not getattr(model, "initialized_", False) or not hasattr(model, "module_"):
-            raise NotFittedError(
-                f"The skorch net {type(model).__name__} is not initialized; fit it "
-                "before computing influences."
-            )
+    if is_sklearn_model(model):
+        fmodel = _from_sklearn(model, loss, params, dev)
+    elif _is_skorch_net(model):
+        _check_net(model)
         fmodel = FunctionalModel(
             model.module_,
             resolve_loss(loss) if loss is not None else _skorch_loss(model),
@@ -304,25 +345,80 @@ def as_functional(model, loss=None, params=None, device="auto"):
         fmodel = FunctionalModel(model, resolve_loss(loss), params=params, device=dev)
     else:
         raise TypeError(
-            "model must be a fitted skorch NeuralNet or a torch.nn.Module; got "
-            f"{type(model).__name__}."
+            "model must be a fitted skorch NeuralNet, a torch.nn.Module or a "
+            f"scikit-learn model; got {type(model).__name__}."
         )
-    fmodel.source_model = model  # the object the user passed (net or module)
+    fmodel.source_model = model  # the object the user passed
     return fmodel
 
 
+def _check_net(net):
+    if not getattr(net, "initialized_", False) or not hasattr(net, "module_"):
+        raise NotFittedError(
+            f"The skorch net {type(net).__name__} is not initialized; fit it "
+            "before computing influences."
+        )
+
+
+def _from_sklearn(model, loss, params, dev):
+    """A scikit-learn model (or pipeline) through its exact torch form."""
+    form = to_torch(model)
+    if form.net is not None:  # a pipeline ending in a skorch net
+        _check_net(form.net)
+        return FunctionalModel(
+            form.net.module_,
+            resolve_loss(loss) if loss is not None else _skorch_loss(form.net),
+            params=params,
+            device=dev,
+            squeeze_output=_skorch_kind(form.net) == "binary_classifier",
+            feature_map=form.feature_map,
+        )
+    return FunctionalModel(
+        form.module,
+        resolve_loss(loss) if loss is not None else get_loss(form.loss),
+        params=params,
+        device=dev,
+        squeeze_output=form.squeeze_output,
+        feature_map=form.feature_map,
+        classes=form.classes,
+        penalty=form.damping,
+    )
+
+
 def module_of(model):
-    """The torch module of a skorch net (``module_``) or of a module itself."""
+    """The torch module a functional model of ``model`` reads, or ``None``.
+
+    ``None`` for a scikit-learn model: its torch form is a fresh copy of
+    its coefficients each time (a pipeline ending in a skorch net reads
+    the net's ``module_``).
+    """
+    if is_sklearn_model(model):
+        form = to_torch(model)
+        return None if form.net is None else form.net.module_
     return model.module_ if _is_skorch_net(model) else model
 
 
 def fingerprint_of(model):
-    """Fingerprint of a skorch net's ``module_`` or of a torch module, as it is now."""
+    """Fingerprint of the model's weights as they are now.
+
+    A skorch net's ``module_``, a torch module, or a scikit-learn model's
+    coefficients and (for a pipeline) its earlier steps' fitted state.
+    """
+    if is_sklearn_model(model):
+        form = to_torch(model)
+        module = form.module if form.net is None else form.net.module_
+        extra = {}
+        if form.feature_map is not None:
+            blob = pickle.dumps(form.feature_map, protocol=4)
+            extra["feature_map"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        return model_fingerprint(
+            dict(module.named_parameters()), dict(module.named_buffers()), extra
+        )
     module = model.module_ if _is_skorch_net(model) else model
     if not isinstance(module, torch.nn.Module):
         raise TypeError(
-            "model must be a fitted skorch NeuralNet or a torch.nn.Module; got "
-            f"{type(model).__name__}."
+            "model must be a fitted skorch NeuralNet, a torch.nn.Module or a "
+            f"scikit-learn model; got {type(model).__name__}."
         )
     return model_fingerprint(
         dict(module.named_parameters()), dict(module.named_buffers())

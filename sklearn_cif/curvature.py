@@ -94,8 +94,9 @@ class DampedGGNOperator:
     ----------
     passes : DataPasses
         Passes over the N examples the mean runs over.
-    damping : float
-        :math:`\lambda`.
+    damping : float or array of shape (p,)
+        :math:`\lambda`, or the diagonal :math:`\Lambda` of a per-parameter
+        damping (the matrix is then :math:`G + \Lambda`).
     max_elements : int, default=2**24
         Bound on (vectors x input numbers of a batch) traced together in one
         ``vmap`` call.
@@ -112,7 +113,10 @@ class DampedGGNOperator:
         self.fmodel = fm = passes.fmodel
         self.n_samples = passes.n_samples
         self.n_params, self.dtype, self.device = fm.n_params, fm.dtype, fm.device
-        self.damping = float(damping)
+        if np.ndim(damping) == 0:
+            self.damping = float(damping)
+        else:
+            self.damping = torch.as_tensor(damping, dtype=self.dtype).to(self.device)
         self.max_elements = int(max_elements)
         self.n_products = 0
         self._reported = False
@@ -212,7 +216,7 @@ class DampedGGNOperator:
         acc = torch.zeros(p, p, dtype=torch.float64, device=self.device)
         acc = self.passes.accumulate(kernel, acc, progress=progress)
         A = (acc + acc.T) / (2 * self.n_samples)
-        A.diagonal().add_(self.damping)
+        A.diagonal().add_(torch.as_tensor(self.damping, dtype=torch.float64).to(A))
         self.n_products += p
         if not self._reported:
             self._reported = True

@@ -315,7 +315,7 @@ def test_eval_set_alpha_is_cached(tiny_classification):
         with pytest.raises(AssertionError, match="gradient pass"):
             est.loss_change(SUBSETS, X[:12], y[:12])
     # a refit with other parameters drops the cached alphas
-    with pytest.raises(ValueError, match=r"damping=0.1 \(fitted with 0.001\)"):
+    with pytest.raises(ValueError, match=r"damping=0.1 \(fitted with 'auto'\)"):
         est.set_params(damping=1e-1).loss_change(SUBSETS, X[:10], y[:10])
     est.fit(net, X, y)
     ref = ClusteredInfluenceEstimator(
