@@ -130,7 +130,7 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     if solver == "dense":
         with phase("curvature") as bar:
             A = op.dense(bar)
-            evals, evecs = dense_eigh(A)
+            evals, evecs = dense_eigh(A, floor)
             # every eigenpair and no complement: P is A^{-1} itself
             precond = SpectralPreconditioner(
                 evals.to(means), evecs.to(means), float("inf")
@@ -147,10 +147,21 @@ def build_cache(fmodel, X, y, config, seeds, settings):
                     bar,
                 )  # fmt: skip
         with phase("solve", desc="CG") as bar:
-            sol = block_cg(
-                op.matmat, means, cfg.cg_tol, cfg.cg_maxiter, precond=precond,
-                progress=bar,
-            )  # fmt: skip
+            try:
+                sol = block_cg(
+                    op.matmat, means, cfg.cg_tol, cfg.cg_maxiter, precond=precond,
+                    progress=bar,
+                )  # fmt: skip
+            except FloatingPointError as exc:
+                if floor > 0:
+                    raise
+                raise FloatingPointError(
+                    f"{exc} Some parameters have no damping, and the curvature "
+                    "may be singular along them (the shift of all logits that "
+                    "a softmax ignores, for unpenalized output biases): use "
+                    "solver='dense' (it leaves flat directions out) or give "
+                    "them a small damping."
+                ) from exc
     with phase("influence", n) as bar:
         infl = influence_pass(passes, sol.x, means, labels, precond, bar)
     scale = 0.0
@@ -253,15 +264,29 @@ def spectrum(op, rank, seed, like, rows, floor, bar=None):
     return precond
 
 
-def dense_eigh(A):
-    """Every eigenpair of the dense damped curvature, descending, in float64."""
+def dense_eigh(A, floor):
+    """Every eigenpair of the dense damped curvature, descending, in float64.
+
+    With a positive damping floor the matrix must be positive definite.
+    Where some parameters are not damped (``floor`` 0), directions in which
+    the objective is flat (eigenvalues within ``p`` float64 epsilons of the
+    largest: the shift of all logits that a softmax ignores, collinear
+    features) are left out, so every solve is the pseudo-inverse's (the
+    minimum-norm change, as ``lstsq`` would give).
+    """
     evals, evecs = torch.linalg.eigh(A)  # ascending
-    if not bool(torch.isfinite(evals).all()) or float(evals[0]) <= 0:
+    if not bool(torch.isfinite(evals).all()):
+        raise FloatingPointError("The dense curvature has non-finite eigenvalues.")
+    cutoff = 0.0
+    if floor <= 0:
+        cutoff = float(evals[-1]) * A.shape[0] * torch.finfo(torch.float64).eps
+    if float(evals[0]) < -cutoff or float(evals[-1]) <= 0:
         raise FloatingPointError(
             "The dense curvature is not positive definite (smallest eigenvalue "
             f"{float(evals[0]):.3g}); increase `damping` or check the model."
         )
-    return evals.flip(0), evecs.T.flip(0)
+    keep = evals > cutoff
+    return evals[keep].flip(0), evecs[:, keep].T.flip(0)
 
 
 def dense_solve(A, evals, evecs, B):

@@ -211,6 +211,8 @@ def check_model_data(fmodel, X, y):
     (:meth:`~sklearn_cif.losses.OutputLoss.check_targets`).
     """
     out = _probe(fmodel, X, min(n_rows(y, "y"), 8))
+    if fmodel.classes is not None:  # labels -> output indices (raises if unknown)
+        y = fmodel.encode(y)
     # a copy: y may be read-only
     yt = y if torch.is_tensor(y) else torch.from_numpy(np.array(y))
     fmodel.loss.check_targets(yt, out.shape[1] if out.dim() > 1 else 1)

@@ -258,7 +258,7 @@ class FunctionalModel:
         if y is None:
             return x, None
         if self.classes is not None:
-            y = self._encode(y)
+            y = self.encode(y)
         t = y if torch.is_tensor(y) else torch.as_tensor(_writable_c(y))
         return x, self.loss.prepare_target(t.to(self.device), self.dtype)
 
@@ -266,7 +266,7 @@ class FunctionalModel:
         Z = self.feature_map.transform(X.cpu().numpy() if torch.is_tensor(X) else X)
         return np.asarray(Z.toarray() if hasattr(Z, "toarray") else Z)
 
-    def _encode(self, y):
+    def encode(self, y):
         """Class labels -> their index in ``classes`` (the output order)."""
         y = y.cpu().numpy() if torch.is_tensor(y) else np.asarray(y)
         idx = np.searchsorted(self.classes, y)

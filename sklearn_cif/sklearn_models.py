@@ -257,6 +257,8 @@ def _mlp(model, classifier):
     n_out = model.n_outputs_
     # scikit-learn: loss = data_loss + (alpha / 2N) sum ||W||^2, data_loss
     # the mean of the per-example loss below.
+    if not classifier and getattr(model, "loss", "squared_error") != "squared_error":
+        _unsupported(model, f"loss={model.loss!r} (use loss='squared_error')")
     if not classifier:  # (1/N) sum_i (1/2) mse_i
         loss, kappa, classes = "mse", 2.0 * model.alpha, None
     elif model.out_activation_ == "softmax":
