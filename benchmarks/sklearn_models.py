@@ -27,7 +27,11 @@ max_iter=10_000)``; ``Ridge(alpha=1)``):
   of 5.6e-4 instead of 5.6e-6).
 
 Per setup and scheme: Spearman and median ratio of the predicted per-fold
-held-out log loss (or squared error) against the refits', the mean predicted
+held-out log loss (or squared error) against the refits' — the predicted
+loss twice: ``test_loss`` (the second-order model of the change) and the
+``neg_log_loss`` scorer on the predicted out-of-fold outputs ``f + J d``
+(``scorer_*``; for a linear model exactly the held-out loss at the Newton
+step's parameters) — the mean predicted
 and real accuracy, and the time of the one ``InfluenceCV`` call against the
 real CV's. Writes benchmarks/results/sklearn_models.json and prints a
 Markdown table.
@@ -139,7 +143,7 @@ def run(name, loo_max):
         model.fit(X, y)
         train_time = time.perf_counter() - start
     classifier = hasattr(model, "predict_proba")
-    scoring = "accuracy" if classifier else "neg_mean_squared_error"
+    scoring = ["accuracy", "neg_log_loss"] if classifier else "neg_mean_squared_error"
     rows = []
     est = ClusteredInfluenceEstimator(random_state=0)
     for scheme, folds in _schemes(name, len(y), loo_max).items():
@@ -158,10 +162,12 @@ def run(name, loo_max):
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 warm, warm_acc = _fold_losses(model, X, y, folds, classifier, True)
         pred = icv.cv_results_["test_loss"]
-        if not classifier:  # mse loss: test_loss is the held-out squared error
-            pred_acc = None
-        else:
-            pred_acc = icv.cv_results_["test_score"]
+        pred_acc = scored = None  # mse: test_loss is the held-out squared error
+        if classifier:
+            pred_acc = icv.cv_results_["test_accuracy"]
+            # the log loss of the predicted out-of-fold outputs f + J d (the
+            # same step d; exact at theta + d for a linear model)
+            scored = -icv.cv_results_["test_neg_log_loss"]
         ratio = pred / real
         row = dict(
             setup=name,
@@ -180,6 +186,14 @@ def run(name, loo_max):
             solver=icv.estimator_.solver_,
             optimality_gap=float(icv.estimator_.optimality_gap_),
         )
+        if scored is not None:
+            row.update(
+                scorer_spearman=float(spearmanr(scored, real)[0])
+                if len(folds) > 2
+                else None,
+                scorer_median_ratio=float(np.median(scored / real)),
+                mean_scorer_loss=float(scored.mean()),
+            )
         if warm is not None:
             row.update(
                 warm_spearman=float(spearmanr(pred, warm)[0]),
@@ -214,13 +228,16 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sklearn_models.json").write_text(json.dumps(rows, indent=1))
     print()
-    print("| setup | scheme | folds | Spearman | median ratio | mean loss pred / real "
+    print("| setup | scheme | folds | Spearman | median ratio | scorer Spearman "
+          "| scorer median ratio | mean loss pred / real "
           "| mean acc pred / real | InfluenceCV s | real CV s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['setup']} | {r['scheme']} | {r['n_folds']} "
             f"| {_fmt(r['spearman'], '.4f')} | {r['median_ratio']:.4f} "
+            f"| {_fmt(r.get('scorer_spearman'), '.4f')} "
+            f"| {_fmt(r.get('scorer_median_ratio'), '.4f')} "
             f"| {r['mean_pred_loss']:.4g} / {r['mean_real_loss']:.4g} "
             f"| {_fmt(r['mean_pred_acc'], '.4f')} / {_fmt(r['mean_real_acc'], '.4f')} "
             f"| {r['influence_cv_s']:.2f} | {r['real_cv_s']:.2f} |"
