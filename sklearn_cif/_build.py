@@ -414,21 +414,23 @@ def centers(S, labels, n_clusters):
 
 
 def output_pass(passes, V, bar=None):
-    """Pass 4: outputs ``f(x_i)`` (N, d) and ``J(x_i) v_c`` (N, C, d), no gradients.
+    """Pass 4: outputs ``f(x_i)`` (N, d), ``J(x_i) v_c`` (N, C, d), targets (N, t).
 
-    They make first-order out-of-fold outputs model-free at query time:
-    ``f(x_i) + (1/N) sum_c m_c(S) J(x_i) v_c``.
+    They make out-of-fold outputs model-free at query time,
+    ``f(x_i) + (1/N) sum_c m_c(S) J(x_i) v_c``, and the loss at them (the
+    targets as the loss prepared them, flattened per example, in float64).
     """
     fm = passes.fmodel
 
-    def kernel(idx, x, _):
+    def kernel(idx, x, t):
         out, JV = output_jvp(fm, x, V)
         return {
             "out": out.reshape(out.shape[0], -1).detach(),
             "jv": JV.reshape(JV.shape[0], JV.shape[1], -1).transpose(0, 1),
+            "y": t.reshape(t.shape[0], -1).double(),
         }
 
-    return passes.map_rows(kernel, targets=False, dtype=None, progress=bar)
+    return passes.map_rows(kernel, dtype=None, progress=bar)
 
 
 def newton_features(passes, labels, means, precond, outputs, bar=None):
@@ -475,6 +477,7 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
             train_influence=infl["A"],
             train_loss=first["losses"],
             train_outputs=outs["out"],
+            train_targets=outs["y"],
             output_responses=outs["jv"],
             residual_sq_norms=resid_sq,
             within_scatter=float(resid_sq.mean()),

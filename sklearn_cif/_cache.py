@@ -48,7 +48,8 @@ class CiFCache:
     """Everything a fitted :class:`~sklearn_cif.ClusteredInfluenceEstimator` knows.
 
     Dimensions: ``N`` training examples, ``C`` clusters, ``k`` sketch
-    dimension, ``p`` parameters, ``d`` outputs per example, ``r`` kept
+    dimension, ``p`` parameters, ``d`` outputs per example, ``t`` target
+    numbers per example, ``r`` kept
     eigenpairs, ``S`` curvature samples. Each field is documented on the
     estimator under its name with a trailing underscore.
     """
@@ -64,6 +65,7 @@ class CiFCache:
     train_influence: np.ndarray = _array("N", "C")
     train_loss: np.ndarray = _array("N")
     train_outputs: np.ndarray = _array("N", "d")
+    train_targets: np.ndarray = _array("N", "t")
     output_responses: np.ndarray = _array("N", "C", "d")
     residual_sq_norms: np.ndarray = _array("N")
     within_scatter: float = _scalar(float)
@@ -112,6 +114,7 @@ class CiFCache:
             "k": self.cluster_centers.shape[1],
             "p": self.n_params,
             "d": d,
+            "t": self.train_targets.shape[1],
             "r": r,
             "S": S,
         }

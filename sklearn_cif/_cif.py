@@ -531,7 +531,8 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         target : {"auto", "retrain", "if"}, default="auto"
             What the self effect predicts. ``"retrain"``: the loss change of
             actual retraining without the subset (a leave-k-out Newton step
-            with the second-order loss term, from the cache). ``"if"``: the
+            from the cache, and the subset's loss at the outputs it
+            predicts). ``"if"``: the
             first-order influence-function effect the paper targets.
             ``"auto"`` is ``"retrain"`` when fit cached its features
             (``residual_correction`` ``"auto"``/``"full"``) and the loss

@@ -21,6 +21,12 @@ output space: with :math:`w = J_S u` and :math:`K = J_S \tilde H^{-1} J_S^\top`,
     J_S d_N = w + K z,\quad
     \bar g^\top d_N = \bar g^\top u + \tfrac Nm w^\top z .
 
+The second-order :math:`\Delta\ell` is what :func:`newton_effects` returns;
+the fold effects of a built-in loss replace it by the loss of the predicted
+outputs :math:`f_i + J_i d_N` themselves
+(:func:`sklearn_cif._queries.outputs_loss_change`), its exact value for a
+model linear in :math:`\theta`.
+
 ``fit`` caches per example what ``K`` and ``w`` need: the output Jacobian in
 the top-``r`` eigenbasis ``U`` of :math:`\tilde H` (``F_i = J_i U^\top``),
 its Gram block ``J_i J_i^\top``, the output Hessian and gradient, and the

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from sklearn.utils import Bunch
 
 from sklearn_cif import _newton
@@ -180,7 +181,11 @@ def fold_effects(cache, ind, target):
     delta, newton = first, {}
     if target == "retrain":
         res = _newton_step(cache, ind, first, d_out)
-        delta, d_out = res.delta, res.out_change
+        d_out = res.out_change
+        at_outputs = outputs_loss_change(cache, ind, d_out)
+        delta = res.delta
+        if at_outputs is not None:
+            delta = np.where(np.isfinite(at_outputs), at_outputs, res.delta)
         newton = dict(
             leverage=res.leverage,
             amplification=res.amplification,
@@ -202,6 +207,40 @@ def fold_effects(cache, ind, target):
         ),
         **newton,
     )
+
+
+def outputs_loss_change(cache, ind, change):
+    r"""Each fold's mean loss change at its predicted outputs, ``(Q,)``, or ``None``.
+
+    :math:`\frac1m \sum_{i \in S} \ell(f_i + \Delta_i) - \ell(f_i)` with
+    :math:`\Delta_i = J_i d_N` the fold's output change
+    (:meth:`OutputLoss.predicted_value`): every number of a ``cv_results_``
+    row then comes from the same step, and a log-loss scorer on the
+    out-of-fold outputs equals ``test_loss``. Its second-order expansion is
+    the Woodbury step's model of the change; beyond it the loss itself
+    speaks (a logistic regression's logits move by :math:`J d` exactly).
+    ``None`` for callables (``exact_loss_change = False``: the cache holds
+    their outputs flattened); a non-finite value falls back to the
+    second-order model in the caller.
+    """
+    loss = get_loss(cache.loss_name)
+    if not loss.exact_loss_change:
+        return None
+    Q, m = ind.shape[0], np.diff(ind.indptr)
+    out = np.zeros(ind.indices.size)
+    with torch.no_grad():
+        for sl in iter_batches(ind.indices.size, 2**14):
+            members = ind.indices[sl]
+            z = torch.as_tensor(cache.train_outputs[members], dtype=torch.float64)
+            t = cache.train_targets[members]
+            y = loss.prepare_target(
+                torch.as_tensor(t[:, 0] if t.shape[1] == 1 else t), torch.float64
+            )
+            delta = torch.as_tensor(change[sl], dtype=torch.float64)
+            moved = loss.predicted_value(z, delta, y)
+            out[sl] = (moved - loss.predicted_value(z, torch.zeros_like(delta), y)).numpy()
+    rows = np.repeat(np.arange(Q), m)
+    return np.bincount(rows, out, minlength=Q) / np.maximum(m, 1)
 
 
 def eval_newton_effects(cache, ind, first_eval, g_eval):

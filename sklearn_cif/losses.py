@@ -62,6 +62,10 @@ class OutputLoss:
     - ``newton_default``: ``target="auto"`` runs the Newton step of
       ``target="retrain"`` (losses whose curvature is split at logits or a
       linear output);
+    - ``exact_loss_change``: the Newton step's loss change is the loss at
+      the predicted outputs (:meth:`predicted_value`), not its second-order
+      expansion (``False`` for callables, whose outputs the cache holds
+      flattened);
     - ``skorch_criteria``: the ``torch.nn`` criterion classes of a skorch
       net that map to this loss, and ``skorch_nets`` the skorch net kinds
       (``"classifier"``, ``"binary_classifier"``, ``"regressor"``,
@@ -71,6 +75,7 @@ class OutputLoss:
     name = "callable"
     is_classifier = False
     newton_default = False
+    exact_loss_change = True
     skorch_criteria = ()
     skorch_nets = None
 
@@ -104,6 +109,16 @@ class OutputLoss:
         default (logits, linear outputs).
         """
         return outputs + change
+
+    def predicted_value(self, outputs, change, y):
+        """Per-example loss at the predicted outputs, from a change ``J d``.
+
+        The torch counterpart of :meth:`linearized`: the loss of the model
+        whose outputs moved by ``change`` in the space where the curvature is
+        split (``value(outputs + change)`` by default). Its second-order
+        Taylor expansion in ``change`` is what the Newton step models.
+        """
+        return self.value(outputs + change, y)
 
     def value(self, z, y):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -208,6 +223,10 @@ class LogProbNLLLoss(CrossEntropyLoss):
     def value(self, z, y):
         return F.nll_loss(z, y, reduction="none")
 
+    def predicted_value(self, outputs, change, y):
+        # moved log-probabilities renormalized, as to_proba does
+        return F.cross_entropy(outputs + change, y, reduction="none")
+
 
 @register_loss
 class ProbabilityNLLLoss(ClassIndexLoss):
@@ -245,6 +264,10 @@ class ProbabilityNLLLoss(ClassIndexLoss):
 
     def to_proba(self, outputs):
         return _softmax(outputs)  # predicted outputs are log-probabilities
+
+    def predicted_value(self, outputs, change, y):
+        q = outputs + torch.finfo(outputs.dtype).eps
+        return F.cross_entropy(torch.log(q) + change / q, y, reduction="none")
 
     def prepare_target(self, y, output_dtype):
         return y.long()
@@ -350,6 +373,7 @@ class CallableLoss(OutputLoss):
     """
 
     name = "callable"
+    exact_loss_change = False
 
     def __init__(self, fn):
         self.fn = fn

@@ -160,8 +160,9 @@ class InfluenceCV(BaseEstimator):
     target : {"auto", "retrain", "if"}, default="auto"
         What every fold's ``delta_loss``, out-of-fold outputs and scores
         predict. ``"retrain"``: actual retraining without the fold (a
-        leave-k-out Newton step with the second-order loss term, from the
-        cache; see :meth:`ClusteredInfluenceEstimator.loss_change`).
+        leave-k-out Newton step from the cache, and the fold's loss at the
+        out-of-fold outputs it predicts; see
+        :meth:`ClusteredInfluenceEstimator.loss_change`).
         ``"if"``: the first-order influence-function effect. ``"auto"`` is
         ``"retrain"`` whenever the estimator provides it for its loss (see
         :meth:`ClusteredInfluenceEstimator.loss_change`), else ``"if"``

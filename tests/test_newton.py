@@ -1,7 +1,7 @@
 """Leave-k-out Newton step and second-order loss (``target="retrain"``).
 
 Oracles: the dense Newton step ``(H - (m/N) G_S)^{-1} b`` with explicit
-``G_S``; a direct dense solve of the fold's output-space system; and actual
+``G_S``, and the fold's loss at the outputs ``f + J d_N`` it predicts; a direct dense solve of the fold's output-space system; and actual
 retraining of a logistic regression by LBFGS.
 """
 
@@ -26,7 +26,7 @@ FOLDS = [np.arange(0, 6), np.array([3, 17, 21]), np.array([11]), np.arange(12, 2
 
 
 def _dense_newton(net, loss_fn, X, y, folds):
-    """Dense Newton step, second-order loss change and fold outputs per fold."""
+    """Dense Newton step: the fold's loss change at its outputs, and the outputs."""
     n = len(y)
     _, g, H = dense_influence(net, loss_fn, X, y, LAM, folds)
     f, theta = make_f(net), flat_params(net)
@@ -35,9 +35,13 @@ def _dense_newton(net, loss_fn, X, y, folds):
         m = len(S)
         G_S = dense_ggn(net, loss_fn, X[S], y[S], 0.0)
         d_N = torch.linalg.solve(H - m / n * G_S, g[S].sum(0) / n)
-        deltas.append((g[S].mean(0) @ d_N + 0.5 * d_N @ G_S @ d_N).item())
         J = torch.autograd.functional.jacobian(lambda th, xs=X[S]: f(th, xs), theta)
-        outs.append((f(theta, X[S]) + J @ d_N).detach().reshape(m, -1).numpy())
+        out = (f(theta, X[S]) + J @ d_N).detach()
+        # the loss of the fold at its predicted outputs (for a quadratic loss
+        # this is g_S^T d_N + d_N^T G_S d_N / 2)
+        before = loss_fn(f(theta, X[S]).detach(), y[S])
+        deltas.append((loss_fn(out, y[S]) - before).mean().item())
+        outs.append(out.reshape(m, -1).numpy())
     return np.array(deltas), np.concatenate(outs)
 
 
@@ -48,7 +52,7 @@ def test_woodbury_path_reproduces_the_dense_newton_step(
 ):
     # With one cluster per example and every eigenpair kept (the dense
     # solver, or CG at full rank), the cached Woodbury path is the dense
-    # Newton step + second-order term (float64).
+    # Newton step and the loss at its predicted outputs (float64).
     net, X, y = tiny_classification if task == "classification" else tiny_regression
     loss, loss_fn = ("cross_entropy", CE) if task == "classification" else ("mse", MSE)
     p = sum(q.numel() for q in net.parameters())
@@ -334,3 +338,40 @@ def test_influence_cross_validate_follows_the_target(tiny_classification):
         icv_rt.cv_results_["delta_loss_if"], icv_if.cv_results_["delta_loss"]
     )
     assert not np.allclose(icv_rt.predict_oof(), icv_if.predict_oof())
+
+
+@pytest.mark.parametrize("head", ["cross_entropy", "nll", "nll_proba", "bce_logits"])
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_one_estimate_per_row_log_loss_scorer_equals_test_loss(
+    tiny_classification, head, solver
+):
+    # Every number of a cv_results_ row comes from the same step d: the
+    # log-loss scorer on the predicted out-of-fold outputs equals test_loss
+    # (to rounding), whatever the output head; with CG too, since delta_loss
+    # is the loss at those outputs.
+    net, X, y = tiny_classification
+    if head == "bce_logits":
+        y = (y > 0).long()
+        body = copy.deepcopy(net)
+        body[-1] = torch.nn.Linear(5, 1).double()
+        module = body
+    elif head == "nll":
+        module = torch.nn.Sequential(net, torch.nn.LogSoftmax(dim=1))
+    elif head == "nll_proba":
+        module = torch.nn.Sequential(net, torch.nn.Softmax(dim=1))
+    else:
+        module = net
+    est = ClusteredInfluenceEstimator(
+        6, loss=head, damping=LAM, solver=solver, random_state=0
+    )
+    if head == "bce_logits":
+        est.set_params(loss="bce_logits")
+        yy = y.double()
+    else:
+        yy = y
+    icv = InfluenceCV(
+        est, cv=KFold(5, shuffle=True, random_state=0), scoring="neg_log_loss"
+    ).fit(module, X, yy)
+    res = icv.cv_results_
+    assert icv.target_ == "retrain"
+    np.testing.assert_allclose(-res["test_score"], res["test_loss"], rtol=1e-9)
