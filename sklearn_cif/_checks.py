@@ -75,6 +75,14 @@ def check_inputs(X):
     return _check_array(X, "X")
 
 
+def _is_label_array(y):
+    """Whether ``y`` holds strings or other non-numeric labels."""
+    kind = np.asarray(y).dtype.kind
+    return kind in "OUS" and not (
+        kind == "O" and all(isinstance(v, numbers.Number) for v in np.ravel(y)[:100])
+    )
+
+
 def check_data(X, y):
     """Validate X and y (arrays via ``check_array``, tensors alike), before any work.
 
@@ -90,6 +98,8 @@ def check_data(X, y):
         )
     if torch.is_tensor(y):
         y = _check_tensor(y, "y", 1)
+    elif _is_label_array(y):  # class labels (mapped through a model's classes_)
+        y = check_array(y, dtype=None, ensure_2d=False, input_name="y")
     else:
         y = _check_array(y, "y", ensure_2d=False)
     if X.shape[0] != y.shape[0]:
@@ -211,8 +221,7 @@ def check_model_data(fmodel, X, y):
     (:meth:`~sklearn_cif.losses.OutputLoss.check_targets`).
     """
     out = _probe(fmodel, X, min(n_rows(y, "y"), 8))
-    if fmodel.classes is not None:  # labels -> output indices (raises if unknown)
-        y = fmodel.encode(y)
+    y = fmodel.targets(y)  # labels -> output indices (raises if unknown)
     # a copy: y may be read-only
     yt = y if torch.is_tensor(y) else torch.from_numpy(np.array(y))
     fmodel.loss.check_targets(yt, out.shape[1] if out.dim() > 1 else 1)
@@ -254,6 +263,8 @@ def data_fingerprint(*arrays):
                 continue
         else:
             a = np.asarray(A)
+            if a.dtype.kind == "O":  # labels: hash their text, not pointers
+                a = a.astype(str)
         h.update(f"{a.shape}{a.dtype}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()

@@ -257,14 +257,25 @@ class FunctionalModel:
         x = x.to(self.device)
         if y is None:
             return x, None
-        if self.classes is not None:
-            y = self.encode(y)
+        y = self.targets(y)
         t = y if torch.is_tensor(y) else torch.as_tensor(_writable_c(y))
         return x, self.loss.prepare_target(t.to(self.device), self.dtype)
 
     def _features(self, X):
         Z = self.feature_map.transform(X.cpu().numpy() if torch.is_tensor(X) else X)
         return np.asarray(Z.toarray() if hasattr(Z, "toarray") else Z)
+
+    def targets(self, y):
+        """``y`` as the loss reads it: labels encoded through ``classes``."""
+        if self.classes is not None:
+            return self.encode(y)
+        if not torch.is_tensor(y) and np.asarray(y).dtype.kind in "OUS":
+            raise ValueError(
+                "y holds non-numeric labels; only a scikit-learn classifier maps "
+                "labels to outputs (through classes_). Encode y as class "
+                "indices for this model."
+            )
+        return y
 
     def encode(self, y):
         """Class labels -> their index in ``classes`` (the output order)."""

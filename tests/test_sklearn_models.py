@@ -514,3 +514,32 @@ def test_dict_damping_names_are_checked(tiny_classification):
             a.fit(net, X, y).responses_, b.fit(net, X, y).responses_
         )
     assert b.damping_diagonal_ is None and b.damping_floor_ == 1e-3
+
+
+@pytest.mark.parametrize("dtype", [str, object])
+def test_string_labels_through_classes_(multiclass, dtype):
+    # String labels (NumPy str or object arrays) give the answers of their
+    # indices; InfluenceCV predicts labels and scores them like
+    # cross_validate; a torch module cannot map labels and says so.
+    X, y = multiclass
+    names = np.array(["ant", "bee", "cat"]).astype(dtype)[y]
+    m_idx = _tight_lr(C=1.0).fit(X, y)
+    m_str = _tight_lr(C=1.0).fit(X, names)
+    a = ClusteredInfluenceEstimator(5, random_state=0).fit(m_idx, X, y)
+    b = ClusteredInfluenceEstimator(5, random_state=0).fit(m_str, X, names)
+    np.testing.assert_allclose(a.train_influence_, b.train_influence_, rtol=1e-8)
+    np.testing.assert_allclose(
+        a.loss_change([np.arange(7)], X[:20], y[:20]),
+        b.loss_change([np.arange(7)], X[:20], names[:20]),
+        rtol=1e-8,
+    )
+    assert b.is_current(m_str, X, names) and not b.is_current(m_str, X, names[::-1])
+    cv = KFold(4, shuffle=True, random_state=0)
+    icv = InfluenceCV(b, cv=cv).fit(m_str, X, names)
+    ref = InfluenceCV(a, cv=cv).fit(m_idx, X, y)
+    np.testing.assert_allclose(icv.cv_results_["test_score"], ref.cv_results_["test_score"])
+    assert set(icv.predict_oof("predict")) <= {"ant", "bee", "cat"}
+    with pytest.raises(ValueError, match="non-numeric labels"):
+        ClusteredInfluenceEstimator(5, loss="cross_entropy").fit(
+            torch.nn.Linear(8, 3).double(), X, names
+        )
