@@ -22,14 +22,16 @@ from sklearn_cif import _newton
 from sklearn_cif._cache import CiFCache
 from sklearn_cif._checks import data_fingerprint, n_features, n_outputs
 from sklearn_cif.curvature import curvature_indices, make_curvature
+from sklearn_cif.distributed import agree_on_inputs, agree_on_seeds, make_passes
 from sklearn_cif.exceptions import CIFWarning
 from sklearn_cif.gradients import output_jvp
-from sklearn_cif.passes import DataPasses, Timer, progress_bar
+from sklearn_cif.passes import Timer, progress_bar
 from sklearn_cif.sketch import make_sketch
 from sklearn_cif.solvers import (
     CGResult,
     SpectralPreconditioner,
     block_cg,
+    canonical_signs,
     spectral_preconditioner,
 )
 
@@ -93,7 +95,9 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     cfg, timer = config, Timer()
     floor = float(np.min(cfg.damping))  # min_j lambda_j
     fingerprint = data_fingerprint(X, y)  # before any pass: fails fast
-    passes = DataPasses(fmodel, X, y, cfg.batch_size)
+    passes = make_passes(fmodel, X, y, cfg.batch_size)  # sharded under torchrun
+    agree_on_inputs(fingerprint, fmodel.fingerprint())
+    seeds = agree_on_seeds(seeds)
     n = passes.n_samples
 
     def phase(name, total=None, desc=None):
@@ -286,7 +290,7 @@ def dense_eigh(A, floor):
             f"{float(evals[0]):.3g}); increase `damping` or check the model."
         )
     keep = evals > cutoff
-    return evals[keep].flip(0), evecs[:, keep].T.flip(0)
+    return evals[keep].flip(0), canonical_signs(evecs[:, keep].T.flip(0))
 
 
 def dense_solve(A, evals, evecs, B):

@@ -521,4 +521,19 @@ def spectral_preconditioner(matmat, n, damping, rank, seed, like, progress=None)
     k = min(rank, n)
     # The first Ritz value beyond the kept ones bounds the rest of the spectrum.
     tail = evals[k] if evals.numel() > k else evals[-1]
-    return SpectralPreconditioner(evals[:k], evecs[:k], max(float(tail), damping))
+    return SpectralPreconditioner(
+        evals[:k], canonical_signs(evecs[:k]), max(float(tail), damping)
+    )
+
+
+def canonical_signs(evecs):
+    """Eigenvectors (rows) with their largest-magnitude entry made positive.
+
+    An eigenvector's sign is arbitrary: rounding (another summation order,
+    as in a data-parallel build) can flip it. Fixing it makes the cached
+    spectral features reproducible; every answer is sign-invariant anyway.
+    """
+    if evecs.numel() == 0:
+        return evecs
+    peak = evecs.gather(1, evecs.abs().argmax(1, keepdim=True))
+    return evecs * torch.where(peak < 0, -1.0, 1.0).to(evecs.dtype)
