@@ -72,6 +72,7 @@ class BuildConfig:
     curvature_samples: int | None
     curvature: str
     verbose: int
+    distributed: bool = False  # shard the passes over the process group
 
 
 def build_cache(fmodel, X, y, config, seeds, settings):
@@ -95,9 +96,10 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     cfg, timer = config, Timer()
     floor = float(np.min(cfg.damping))  # min_j lambda_j
     fingerprint = data_fingerprint(X, y)  # before any pass: fails fast
-    passes = make_passes(fmodel, X, y, cfg.batch_size)  # sharded under torchrun
-    agree_on_inputs(fingerprint, fmodel.fingerprint())
-    seeds = agree_on_seeds(seeds)
+    passes = make_passes(fmodel, X, y, cfg.batch_size, cfg.distributed)
+    if cfg.distributed:
+        agree_on_inputs(fingerprint, fmodel.fingerprint())
+        seeds = agree_on_seeds(seeds)
     n = passes.n_samples
 
     def phase(name, total=None, desc=None):

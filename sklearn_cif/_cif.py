@@ -33,6 +33,7 @@ from sklearn_cif._checks import (
     resolve_fit_args,
 )
 from sklearn_cif._newton import MAX_OUTPUTS
+from sklearn_cif.distributed import resolve_distributed
 from sklearn_cif._persistence import load_cache, save_cache
 from sklearn_cif._subsets import SubsetRows, subset_indicator
 from sklearn_cif.curvature import check_curvature
@@ -137,6 +138,15 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         :math:`\frac1N \sum_i J_i^\top H_i J_i + \lambda I`.
     device : str, default="auto"
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    distributed : "auto" or bool, default="auto"
+        Build data-parallel over the processes of the initialized
+        :mod:`torch.distributed` group (every rank must call ``fit`` with
+        the same model and data; see
+        :class:`~sklearn_cif.distributed.ShardedPasses`). ``"auto"``: when a
+        group with more than one process is initialized; ``False``: never
+        (a rank fitting on its own inside a training job's group); ``True``:
+        required (``fit`` raises without such a group). The cache is the
+        same either way.
     random_state : int, RandomState instance or None, default=None
         Seeds the sketch, k-means, the spectrum, the calibration sample and
         the curvature subsample (one named seed each).
@@ -310,6 +320,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         curvature_samples=None,
         curvature="ggn",
         device="auto",
+        distributed="auto",
         random_state=None,
         verbose=0,
         model=None,
@@ -330,6 +341,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         self.curvature_samples = curvature_samples
         self.curvature = curvature
         self.device = device
+        self.distributed = distributed
         self.random_state = random_state
         self.verbose = verbose
         self.model = model
@@ -392,6 +404,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
                 f"solver={self.solver!r}; expected one of ['auto', 'dense', 'cg']."
             )
         check_curvature(self.curvature)
+        distributed = resolve_distributed(self.distributed)
         return BuildConfig(
             n_clusters=int(self.n_clusters),
             sketch=self.sketch,
@@ -409,6 +422,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             curvature_samples=self.curvature_samples,
             curvature=self.curvature,
             verbose=self.verbose,
+            distributed=distributed,
         )
 
     def fit_transform(self, model, X=None, y=None):

@@ -2,7 +2,9 @@
 
 When a default process group is initialized (``torchrun``; gloo on CPUs,
 NCCL on GPUs) with more than one process, every rank calls ``fit`` with the
-same model and the same ``(X, y)``, and the build runs data-parallel: each
+same model and the same ``(X, y)``, and the build runs data-parallel
+(``distributed="auto"``, the default; ``False`` keeps a rank's fit to
+itself): each
 rank reads a contiguous shard of the rows (from its rank and the world
 size), and :class:`ShardedPasses` combines what must be global through the
 two hooks of :class:`~sklearn_cif.passes.DataPasses`:
@@ -35,6 +37,7 @@ __all__ = [
     "agree_on_seeds",
     "make_passes",
     "process_group",
+    "resolve_distributed",
 ]
 
 
@@ -51,11 +54,25 @@ def process_group():
     return None if world == 1 else (dist.get_rank(), world)
 
 
-def make_passes(fmodel, X, y, batch_size):
-    """:class:`ShardedPasses` inside a multi-process group, else ``DataPasses``."""
-    if process_group() is None:
-        return DataPasses(fmodel, X, y, batch_size)
-    return ShardedPasses(fmodel, X, y, batch_size)
+def resolve_distributed(distributed):
+    """The ``distributed`` parameter as a bool (see the estimator)."""
+    if distributed == "auto":
+        return process_group() is not None
+    if distributed is True or distributed is False:
+        if distributed and process_group() is None:
+            raise ValueError(
+                "distributed=True needs an initialized torch.distributed process "
+                "group with more than one process (e.g. started by torchrun)."
+            )
+        return distributed
+    raise ValueError(f"distributed={distributed!r}; expected 'auto', True or False.")
+
+
+def make_passes(fmodel, X, y, batch_size, distributed):
+    """:class:`ShardedPasses` when ``distributed``, else ``DataPasses``."""
+    if distributed:
+        return ShardedPasses(fmodel, X, y, batch_size)
+    return DataPasses(fmodel, X, y, batch_size)
 
 
 def agree_on_seeds(seeds):

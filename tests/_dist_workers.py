@@ -65,6 +65,8 @@ def fit_rank(rank, world, store, task, solver, queue, poison=None):
     est = ClusteredInfluenceEstimator(
         6, loss=loss, solver=solver, random_state=None if rank else 0
     )
+    if poison == "local":  # distributed=False: every rank fits on its own
+        est.set_params(distributed=False, random_state=0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

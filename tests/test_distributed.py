@@ -93,6 +93,18 @@ def test_ranks_with_other_data_all_refuse(tmp_path):
         assert name == "ValueError" and "Ranks [1]" in message and not fitted
 
 
+def test_distributed_false_fits_each_rank_alone(tmp_path):
+    # Inside a group, distributed=False does no collective: each rank's
+    # cache is the one-process cache (its own seeds, every row read).
+    results, _ = _spawn(2, tmp_path, "regression", "cg", poison="local")
+    ref = _single("regression", "cg")
+    for rank in range(2):
+        np.testing.assert_array_equal(results[rank]["labels_"], ref["labels_"])
+        np.testing.assert_allclose(
+            results[rank]["responses_"], ref["responses_"], rtol=1e-10, atol=1e-12
+        )
+
+
 def test_sharded_passes_need_a_process_group(tiny_classification):
     from sklearn_cif.adapters import as_functional
 
@@ -101,3 +113,19 @@ def test_sharded_passes_need_a_process_group(tiny_classification):
     fm = as_functional(net, loss="cross_entropy", device="cpu")
     with pytest.raises(RuntimeError, match="process group"):
         ShardedPasses(fm, X, y, 8)
+
+
+def test_distributed_parameter_outside_a_group(tiny_classification):
+    # "auto" and False build in one process; True needs a group; a typo is
+    # named. (Inside a group, False keeps a rank's fit to itself.)
+    net, X, y = tiny_classification
+    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = est.fit(net, X, y).responses_
+        b = est.set_params(distributed=False).fit(net, X, y).responses_
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="distributed=True needs"):
+        est.set_params(distributed=True).fit(net, X, y)
+    with pytest.raises(ValueError, match="distributed='yes'"):
+        est.set_params(distributed="yes").fit(net, X, y)
