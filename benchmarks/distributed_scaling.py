@@ -36,9 +36,7 @@ LAM = 1e-3
 def workload(n):
     from sklearn.datasets import make_classification
 
-    X, y = make_classification(
-        n, 40, n_informative=20, n_classes=5, random_state=0
-    )
+    X, y = make_classification(n, 40, n_informative=20, n_classes=5, random_state=0)
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Linear(40, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5)
@@ -131,7 +129,9 @@ def main():
                 passes=res["passes"],
                 phases=res["phases"],
                 labels_equal=bool(np.array_equal(res["labels"], ref["labels"])),
-                max_response_diff=float(np.max(np.abs(res["responses"] - ref["responses"]))),
+                max_response_diff=float(
+                    np.max(np.abs(res["responses"] - ref["responses"]))
+                ),
             )
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -40,7 +40,9 @@ def trained_model(X, y, lam):
     net = torch.nn.Sequential(
         torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
     ).double()
-    opt = torch.optim.LBFGS(net.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        net.parameters(), max_iter=300, line_search_fn="strong_wolfe"
+    )
     xs, ys = torch.as_tensor(X), torch.as_tensor(y)
 
     def closure():

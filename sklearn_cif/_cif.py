@@ -33,10 +33,10 @@ from sklearn_cif._checks import (
     resolve_fit_args,
 )
 from sklearn_cif._newton import MAX_OUTPUTS
-from sklearn_cif.distributed import resolve_distributed
 from sklearn_cif._persistence import load_cache, save_cache
 from sklearn_cif._subsets import SubsetRows, subset_indicator
 from sklearn_cif.curvature import check_curvature
+from sklearn_cif.distributed import resolve_distributed
 from sklearn_cif.passes import n_rows
 from sklearn_cif.sketch import make_sketch
 

@@ -238,7 +238,9 @@ def outputs_loss_change(cache, ind, change):
             )
             delta = torch.as_tensor(change[sl], dtype=torch.float64)
             moved = loss.predicted_value(z, delta, y)
-            out[sl] = (moved - loss.predicted_value(z, torch.zeros_like(delta), y)).numpy()
+            out[sl] = (
+                moved - loss.predicted_value(z, torch.zeros_like(delta), y)
+            ).numpy()
     rows = np.repeat(np.arange(Q), m)
     return np.bincount(rows, out, minlength=Q) / np.maximum(m, 1)
 

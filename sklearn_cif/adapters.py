@@ -68,9 +68,7 @@ def _is_skorch_net(model):
 def is_model(obj):
     """Whether ``obj`` is something ``fit`` accepts as the model."""
     return (
-        isinstance(obj, torch.nn.Module)
-        or _is_skorch_net(obj)
-        or is_sklearn_model(obj)
+        isinstance(obj, torch.nn.Module) or _is_skorch_net(obj) or is_sklearn_model(obj)
     )
 
 

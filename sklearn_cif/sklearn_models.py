@@ -19,7 +19,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 __all__ = ["SUPPORTED", "TorchForm", "is_sklearn_model", "to_torch"]
@@ -77,7 +76,9 @@ class TorchForm(NamedTuple):
         if self.penalty is None:
             return None
         div = float(n_samples) if self.per_example_sum else 1.0
-        return {k: np.asarray(v, dtype=np.float64) / div for k, v in self.penalty.items()}
+        return {
+            k: np.asarray(v, dtype=np.float64) / div for k, v in self.penalty.items()
+        }
 
 
 def _is_skorch_net(obj):
@@ -108,7 +109,9 @@ def _tensor(a, dtype):
 def _dtype(model, *arrays):
     dt = np.result_type(*[np.asarray(a).dtype for a in arrays])
     if dt not in (np.float32, np.float64):
-        raise TypeError(f"{type(model).__name__} has {dt} coefficients; expected float.")
+        raise TypeError(
+            f"{type(model).__name__} has {dt} coefficients; expected float."
+        )
     return dt
 
 
@@ -118,7 +121,9 @@ class _Linear(torch.nn.Module):
     def __init__(self, coef, intercept, dtype):
         super().__init__()
         self.weight = _tensor(np.atleast_2d(coef), dtype)
-        self.bias = None if intercept is None else _tensor(np.atleast_1d(intercept), dtype)
+        self.bias = (
+            None if intercept is None else _tensor(np.atleast_1d(intercept), dtype)
+        )
 
     def forward(self, x):
         out = x.reshape(x.shape[0], -1) @ self.weight.T
@@ -334,8 +339,3 @@ def to_torch(model):
         f"model must be a fitted skorch NeuralNet, a torch.nn.Module or a "
         f"scikit-learn model of {list(SUPPORTED)}; got {type(model).__name__}."
     )
-
-
-def is_pipeline(obj):
-    """Whether ``obj`` is a scikit-learn ``Pipeline``."""
-    return isinstance(obj, Pipeline)

@@ -73,6 +73,8 @@ def fit_rank(rank, world, store, task, solver, queue, poison=None):
             est.fit(net, X, y)
         queue.put((rank, answers(est, net, X, y)))
     except Exception as exc:  # reported to the parent, then the group is torn down
-        queue.put((rank, (type(exc).__name__, str(exc)[:300], est.__sklearn_is_fitted__())))
+        queue.put(
+            (rank, (type(exc).__name__, str(exc)[:300], est.__sklearn_is_fitted__()))
+        )
     finally:
         dist.destroy_process_group()

@@ -1,8 +1,9 @@
-"""Leave-k-out Newton step and second-order loss (``target="retrain"``).
+"""Leave-k-out Newton step and the fold's loss change (``target="retrain"``).
 
 Oracles: the dense Newton step ``(H - (m/N) G_S)^{-1} b`` with explicit
-``G_S``, and the fold's loss at the outputs ``f + J d_N`` it predicts; a direct dense solve of the fold's output-space system; and actual
-retraining of a logistic regression by LBFGS.
+``G_S`` and the fold's loss at the outputs ``f + J d_N`` it predicts; a
+direct dense solve of the fold's output-space system; and actual retraining
+of a logistic regression by LBFGS.
 """
 
 import copy

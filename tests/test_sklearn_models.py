@@ -92,15 +92,25 @@ MODELS = {
     ),
     "mlp_binary": (
         lambda: MLPClassifier(
-            (5,), activation="relu", alpha=0.3, solver="lbfgs", tol=1e-12,
-            max_iter=3000, random_state=0,
+            (5,),
+            activation="relu",
+            alpha=0.3,
+            solver="lbfgs",
+            tol=1e-12,
+            max_iter=3000,
+            random_state=0,
         ),  # fmt: skip
         "binary",
     ),
     "mlp_regressor": (
         lambda: MLPRegressor(
-            hidden_layer_sizes=(4,), activation="logistic", alpha=1.0, solver="lbfgs", tol=1e-12,
-            max_iter=5000, random_state=0,
+            hidden_layer_sizes=(4,),
+            activation="logistic",
+            alpha=1.0,
+            solver="lbfgs",
+            tol=1e-12,
+            max_iter=5000,
+            random_state=0,
         ),  # fmt: skip
         "regression",
     ),
@@ -307,7 +317,9 @@ def test_pipeline_ending_in_a_skorch_net(binary):
     X, y = binary
     torch.manual_seed(0)
     net = NeuralNetClassifier(
-        torch.nn.Sequential(torch.nn.Linear(30, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)),
+        torch.nn.Sequential(
+            torch.nn.Linear(30, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+        ),
         criterion=torch.nn.CrossEntropyLoss,
         max_epochs=5,
         train_split=None,
@@ -537,7 +549,9 @@ def test_string_labels_through_classes_(multiclass, dtype):
     cv = KFold(4, shuffle=True, random_state=0)
     icv = InfluenceCV(b, cv=cv).fit(m_str, X, names)
     ref = InfluenceCV(a, cv=cv).fit(m_idx, X, y)
-    np.testing.assert_allclose(icv.cv_results_["test_score"], ref.cv_results_["test_score"])
+    np.testing.assert_allclose(
+        icv.cv_results_["test_score"], ref.cv_results_["test_score"]
+    )
     assert set(icv.predict_oof("predict")) <= {"ant", "bee", "cat"}
     with pytest.raises(ValueError, match="non-numeric labels"):
         ClusteredInfluenceEstimator(5, loss="cross_entropy").fit(
