@@ -18,8 +18,8 @@ __all__ = [
     "check_solver_params",
     "data_fingerprint",
     "n_features",
-    "resolve_damping",
     "n_outputs",
+    "resolve_damping",
     "resolve_fit_args",
 ]
 

@@ -337,14 +337,7 @@ def as_functional(model, loss=None, params=None, device="auto"):
     if is_sklearn_model(model):
         fmodel = _from_sklearn(model, loss, params, dev)
     elif _is_skorch_net(model):
-        _check_net(model)
-        fmodel = FunctionalModel(
-            model.module_,
-            resolve_loss(loss) if loss is not None else _skorch_loss(model),
-            params=params,
-            device=dev,
-            squeeze_output=_skorch_kind(model) == "binary_classifier",
-        )
+        fmodel = _from_net(model, loss, params, dev)
     elif isinstance(model, torch.nn.Module):
         if loss is None:
             raise ValueError(
@@ -361,27 +354,28 @@ def as_functional(model, loss=None, params=None, device="auto"):
     return fmodel
 
 
-def _check_net(net):
+def _from_net(net, loss, params, dev, feature_map=None):
+    """A fitted skorch net's module with the loss of its criterion."""
     if not getattr(net, "initialized_", False) or not hasattr(net, "module_"):
         raise NotFittedError(
             f"The skorch net {type(net).__name__} is not initialized; fit it "
             "before computing influences."
         )
+    return FunctionalModel(
+        net.module_,
+        resolve_loss(loss) if loss is not None else _skorch_loss(net),
+        params=params,
+        device=dev,
+        squeeze_output=_skorch_kind(net) == "binary_classifier",
+        feature_map=feature_map,
+    )
 
 
 def _from_sklearn(model, loss, params, dev):
     """A scikit-learn model (or pipeline) through its exact torch form."""
     form = to_torch(model)
     if form.net is not None:  # a pipeline ending in a skorch net
-        _check_net(form.net)
-        return FunctionalModel(
-            form.net.module_,
-            resolve_loss(loss) if loss is not None else _skorch_loss(form.net),
-            params=params,
-            device=dev,
-            squeeze_output=_skorch_kind(form.net) == "binary_classifier",
-            feature_map=form.feature_map,
-        )
+        return _from_net(form.net, loss, params, dev, form.feature_map)
     return FunctionalModel(
         form.module,
         resolve_loss(loss) if loss is not None else get_loss(form.loss),

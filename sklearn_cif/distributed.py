@@ -144,11 +144,10 @@ class ShardedPasses(DataPasses):
                 f"{self.n_samples} rows cannot be sharded over {self.world_size} "
                 "processes: every rank needs at least one row of each pass."
             )
-        self._sizes = [
-            _shard(self.n_samples, r, self.world_size).stop
-            - _shard(self.n_samples, r, self.world_size).start
-            for r in range(self.world_size)
+        shards = [
+            _shard(self.n_samples, r, self.world_size) for r in range(self.world_size)
         ]
+        self._sizes = [sl.stop - sl.start for sl in shards]
 
     def rows(self):
         """This rank's contiguous shard of the rows."""

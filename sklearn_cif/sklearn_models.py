@@ -285,8 +285,8 @@ def _pipeline(model):
         raise ValueError("The pipeline's last step is 'passthrough'; it has no model.")
     head = model[:-1] if len(model.steps) > 1 else None
     if _is_skorch_net(last):
-        return TorchForm(None, None, None, True, head, getattr(last, "classes_", None),
-                         False, net=last)  # fmt: skip
+        # the net's module and criterion are used as they are (class indices)
+        return TorchForm(None, None, None, True, head, None, False, net=last)
     inner = to_torch(last)
     if inner.feature_map is not None:
         raise ValueError("Nested pipelines are not supported; flatten the steps.")
