@@ -253,21 +253,49 @@ def spectrum(op, rank, seed, like, rows, floor, bar=None):
     """The spectral preconditioner at ``rank``, or grown to it under ``"auto"``.
 
     ``rows`` is ``N d``, the rows of the Newton features each eigenpair adds;
-    ``floor`` the smallest damping, a lower bound on the spectrum.
+    ``floor`` the smallest damping, a lower bound on the spectrum. Under
+    ``"auto"`` a rung of :data:`AUTO_RANKS` that the decay seen so far says
+    cannot reach the target (see :func:`rank_needed`) is skipped: each rung
+    is computed from scratch, so on a flat spectrum the ladder's end is
+    reached for the price of its first and last rungs.
     """
     if rank != "auto":
         return spectral_preconditioner(
             op.matmat, op.n_params, floor, rank, seed, like, bar
         )
     budget = DENSE_MAX_FEATURES // max(rows, 1)
-    fits = [r for r in AUTO_RANKS if r <= min(op.n_params, budget)]
-    for r in fits or AUTO_RANKS[:1]:
+    ladder = [r for r in AUTO_RANKS if r <= min(op.n_params, budget)] or [
+        AUTO_RANKS[0]
+    ]
+    target = (1 + AUTO_RANK_TAIL) * floor
+    i = 0
+    while True:
         precond = spectral_preconditioner(
-            op.matmat, op.n_params, floor, r, seed, like, bar
+            op.matmat, op.n_params, floor, ladder[i], seed, like, bar
         )
-        if precond.tail <= (1 + AUTO_RANK_TAIL) * floor:
-            break
-    return precond
+        if precond.tail <= target or i == len(ladder) - 1:
+            return precond
+        need = rank_needed(precond.evals.cpu().numpy(), precond.tail, target)
+        i += 1
+        while i < len(ladder) - 1 and 2 * ladder[i] < need:
+            i += 1  # a factor-2 margin: a rung is skipped only when far short
+
+
+def rank_needed(evals, tail, target):
+    r"""The rank at which the spectrum would fall to ``target``, extrapolated.
+
+    A power law :math:`\theta_k \propto k^{-a}` through the Ritz value at
+    half the kept rank and the first one left out (``tail``, at ``r + 1``);
+    ``inf`` when the spectrum does not decay there.
+    """
+    r = len(evals)
+    if r < 2 or tail <= target:
+        return float(r)
+    mid = float(evals[r // 2 - 1])  # theta at index r / 2
+    decay = np.log(mid / tail) / np.log((r + 1) / (r // 2))
+    if not decay > 0:
+        return float("inf")
+    return (r + 1) * (tail / target) ** (1 / decay)
 
 
 def dense_eigh(A, floor):

@@ -188,3 +188,41 @@ def test_auto_rank_stops_at_the_first_rank_with_a_small_tail(
     monkeypatch.setattr(build, "DENSE_MAX_FEATURES", len(y) * 3 * 4)
     est.fit(net, X, y)
     assert len(est.spectrum_) <= 4
+
+
+@pytest.mark.parametrize(
+    "decay, expected",
+    [
+        (0.3, [2, 16]),  # flat: no middle rung can reach 2 lambda -> last rung
+        (3.0, [2, 4, 8]),  # steep: every rung is within reach and tried
+    ],
+)
+def test_auto_rank_skips_rungs_the_decay_cannot_reach(monkeypatch, decay, expected):
+    # A power-law spectrum theta_k = k^-decay (lambda = 1e-3, target 2e-3): the
+    # ladder skips a rung when extrapolation puts the target beyond twice it.
+    import sklearn_cif._build as build
+    from sklearn_cif.solvers import SpectralPreconditioner
+
+    asked = []
+
+    def fake(matmat, n, damping, rank, seed, like, bar=None):
+        asked.append(rank)
+        theta = np.arange(1, rank + 2, dtype=float) ** -decay
+        U = torch.eye(n, dtype=torch.float64)[:rank]
+        return SpectralPreconditioner(
+            torch.as_tensor(theta[:rank]), U, max(theta[rank], damping)
+        )
+
+    monkeypatch.setattr(build, "AUTO_RANKS", (2, 4, 8, 16))
+    monkeypatch.setattr(build, "spectral_preconditioner", fake)
+
+    class Op:
+        n_params = 64
+        matmat = None  # the fake preconditioner never applies it
+
+    build.spectrum(Op(), "auto", 0, torch.zeros(1), rows=1, floor=1e-3)
+    assert asked == expected
+    # the extrapolation is exact on a power law
+    theta = np.arange(1, 18, dtype=float) ** -decay
+    need = build.rank_needed(theta[:4], theta[4], 2e-3)
+    assert need == pytest.approx((2e-3) ** (-1 / decay), rel=0.02)
