@@ -107,6 +107,7 @@ for cg_tol in TOLS:
             loss="cross_entropy",
             residual_correction="none",
             random_state=0,
+            verbose=1,
         )
         start = time.perf_counter()
         cif.fit(model, X, y)

@@ -59,7 +59,9 @@ with torch.no_grad():
 # ``delta_loss`` is each fold's predicted held-out loss change when it is
 # removed from training (``target="retrain"``: one Newton step on the removal
 # objective); ``delta_loss_if`` is the first-order influence-function part.
-cif = ClusteredInfluenceEstimator(30, loss="cross_entropy", damping=LAM, random_state=0)
+cif = ClusteredInfluenceEstimator(
+    30, loss="cross_entropy", damping=LAM, random_state=0, verbose=1
+)
 cv = KFold(20, shuffle=True, random_state=0)
 icv = InfluenceCV(cif, cv=cv).fit(cnn, X, y)
 res = icv.cv_results_

@@ -106,7 +106,9 @@ print(f"validation loss {base_loss:.4f}, accuracy {val_acc:.3f}")
 # %%
 # One cache
 # ---------
-cif = ClusteredInfluenceEstimator(50, loss="cross_entropy", damping=LAM, random_state=0)
+cif = ClusteredInfluenceEstimator(
+    50, loss="cross_entropy", damping=LAM, random_state=0, verbose=1
+)
 start = time.perf_counter()
 cif.fit(model, X, y)
 print(f"cache built in {time.perf_counter() - start:.2f} s, p = {cif.n_params_}")

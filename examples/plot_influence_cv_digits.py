@@ -50,7 +50,7 @@ net = NeuralNetClassifier(
 # %%
 # One cache, two CV schemes
 # -------------------------
-cif = ClusteredInfluenceEstimator(50, damping=LAM, random_state=0)
+cif = ClusteredInfluenceEstimator(50, damping=LAM, random_state=0, verbose=1)
 start = time.perf_counter()
 cv50 = InfluenceCV(
     cif,

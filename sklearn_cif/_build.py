@@ -25,7 +25,7 @@ from sklearn_cif.curvature import curvature_indices, make_curvature
 from sklearn_cif.distributed import agree_on_inputs, agree_on_seeds, make_passes
 from sklearn_cif.exceptions import CIFWarning
 from sklearn_cif.gradients import output_jvp
-from sklearn_cif.passes import Timer, progress_bar
+from sklearn_cif.passes import Timer, progress_bar, row_sq_norms
 from sklearn_cif.sketch import make_sketch
 from sklearn_cif.solvers import (
     CGResult,
@@ -337,9 +337,7 @@ def sketch_pass(passes, sketch, bar=None):
     """Pass 1: sketches ``S`` (N, k), squared norms ``||g_i||^2`` and losses."""
 
     def kernel(idx, G, ell):
-        # ||g||^2 in float64: finite gradients can square past float32's range
-        G64 = G.double()
-        return {"S": sketch(G), "sq_norms": (G64 * G64).sum(1), "losses": ell}
+        return {"S": sketch(G), "sq_norms": row_sq_norms(G), "losses": ell}
 
     return passes.map_rows(kernel, gradients=True, progress=bar)
 
@@ -391,18 +389,20 @@ def cluster_means(passes, labels, n_clusters, bar=None):
 
 
 def influence_pass(passes, V, means, labels, precond=None, bar=None):
-    """Pass 3: ``A[i, c] = g_i^T v_c``, ``g_i^T mu_{c(i)}`` and ``r_i^T P r_i``.
+    """Pass 3: ``A[i, c] = g_i^T v_c``, ``||r_i||^2`` and ``r_i^T P r_i``.
 
     ``r_i = g_i - mu_{c(i)}`` is the residual plain CiF drops; ``P`` the
     spectral approximation of the inverse curvature (zeros without one).
+    ``||r_i||^2`` is taken from ``r_i`` itself, not as ``||g_i||^2 - 2 g_i^T
+    mu + ||mu||^2`` (which cancels when a cluster is tight).
     """
     lab = torch.as_tensor(labels, device=passes.fmodel.device)
 
     def kernel(idx, G, _):
-        mu = means[lab[idx]]
-        part = {"A": G @ V.T, "g_mu": (G.double() * mu.double()).sum(1)}
+        R = G - means[lab[idx]]
+        part = {"A": G @ V.T, "resid_sq": row_sq_norms(R)}
         if precond is not None:
-            part["d_raw"] = precond.quadratic_form(G - mu)
+            part["d_raw"] = precond.quadratic_form(R)
         return part
 
     out = passes.map_rows(kernel, gradients=True, progress=bar)
@@ -493,8 +493,8 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
     cluster_centers = centers(S, labels, n_clusters)
     total = np.square(S - S.mean(0)).sum()
     within = np.square(S - cluster_centers[labels]).sum()
-    mean_sq = (means * means).sum(1).cpu().numpy()
-    resid_sq = np.maximum(first["sq_norms"] - 2 * infl["g_mu"] + mean_sq[labels], 0)
+    mean_sq = (means.double() * means.double()).sum(1).cpu().numpy()
+    resid_sq = infl["resid_sq"]
     feats = feats or {}
     X, fingerprint = kw["data"]
     fmodel = kw["fmodel"]

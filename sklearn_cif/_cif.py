@@ -124,8 +124,11 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         next eigenvalue is within twice the damping (the complement's
         inverse is then off by at most 2x; ``truncation_`` records
         ``1 - damping / theta_{r+1}``), or at the largest whose Newton
-        features (``N d r`` numbers) fit in ``2**27``. The kept rank is
-        ``len(spectrum_)``.
+        features (``N d r`` numbers) fit in ``2**27``. A rank that a power
+        law through the Ritz values seen so far says falls short of the
+        target by more than 2x is skipped (each rank is computed from
+        scratch, so a flat spectrum costs the first and the last). The kept
+        rank is ``len(spectrum_)``.
     n_calibration : int, default=32
         Examples solved exactly to calibrate the self-influence scale.
     curvature_samples : int or None, default=None

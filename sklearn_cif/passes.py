@@ -27,7 +27,7 @@ import torch
 
 from sklearn_cif.gradients import iter_batches, per_example_grads, summed_grad, take
 
-__all__ = ["DataPasses", "GRADIENT_BUDGET", "Timer", "progress_bar"]
+__all__ = ["DataPasses", "GRADIENT_BUDGET", "Timer", "progress_bar", "row_sq_norms"]
 
 # Most per-example gradient numbers held at once (batch x parameters).
 GRADIENT_BUDGET = 2**26
@@ -46,6 +46,11 @@ def n_rows(A, name):
 
 
 def _check_finite_batch(G, losses, idx):
+    # One row sum is NaN or inf whenever a row holds one (or when a finite
+    # row's sum overflows): a read of G instead of an N x p boolean mask;
+    # the exact elementwise test runs only on a suspect batch.
+    if bool(torch.isfinite(G.sum(1)).all() & torch.isfinite(losses).all()):
+        return
     bad = ~(torch.isfinite(G).all(1) & torch.isfinite(losses))
     if bool(bad.any()):
         rows = (torch.nonzero(bad).flatten().cpu().numpy() + idx.start).tolist()
@@ -53,6 +58,21 @@ def _check_finite_batch(G, losses, idx):
             f"Non-finite per-example gradients or losses for examples {rows[:20]}"
             f"{' ...' if len(rows) > 20 else ''}; check these inputs and targets."
         )
+
+
+def row_sq_norms(G):
+    """``||g_i||^2`` of every row, in float64, without a float64 copy of ``G``.
+
+    The norm is taken in ``G``'s precision (a float32 norm does not
+    overflow until ``||g|| > 3e38``) and squared in float64, where
+    ``||g||^2`` of a finite gradient may lie past float32's range; a row
+    whose float32 norm still overflows is recomputed in float64.
+    """
+    norms = torch.linalg.vector_norm(G, dim=1).double()
+    big = ~torch.isfinite(norms)
+    if bool(big.any()):
+        norms[big] = torch.linalg.vector_norm(G[big].double(), dim=1)
+    return norms * norms
 
 
 class _Counter:

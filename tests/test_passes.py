@@ -145,3 +145,30 @@ def test_map_rows_rejects_nothing_silently(tiny_classification):
     fmodel = as_functional(net, loss="cross_entropy", device="cpu")
     with pytest.raises(FloatingPointError, match=r"examples \[4\]"):
         DataPasses(fmodel, X, y, 8).map_rows(lambda *a: {}, gradients=True)
+
+
+def test_finite_check_tells_overflowing_sums_from_non_finite_rows(
+    tiny_classification, monkeypatch
+):
+    # The fast check reads row sums; a finite row whose float32 sum overflows
+    # must pass, and a NaN among large entries must still be reported.
+    import sklearn_cif.passes as passes_mod
+
+    G = torch.full((3, 4), 3e38, dtype=torch.float32)  # every row sum is inf
+    losses = torch.zeros(3)
+    passes_mod._check_finite_batch(G, losses, slice(10, 13))  # finite: no error
+    G[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"examples \[11\]"):
+        passes_mod._check_finite_batch(G, losses, slice(10, 13))
+
+
+def test_row_sq_norms_in_float64_past_float32_range():
+    # ||g||^2 of a finite float32 row may exceed float32's range: squared in
+    # float64 (and recomputed there when the float32 norm itself overflows).
+    from sklearn_cif.passes import row_sq_norms
+
+    G = torch.tensor([[1e25, 2e25], [3e38, 3e38], [1.0, -2.0]], dtype=torch.float32)
+    exact = (G.double() ** 2).sum(1)
+    got = row_sq_norms(G)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
