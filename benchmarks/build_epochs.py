@@ -5,45 +5,92 @@ yardstick of a build is one epoch of the model's own training, measured in
 the same run. Workload (issue 14): ``make_classification(20000, 64,
 n_informative=30, n_classes=10)``, a skorch ``NeuralNetClassifier`` on
 Linear(64, 256)-Tanh-Linear(256, 10) with ``CrossEntropyLoss``, Adam lr 0.01,
-weight decay 1e-3, batch 256, 10 epochs; then a default
-``ClusteredInfluenceEstimator(damping=1e-3)`` build, per phase, and
-``InfluenceCV(cv=KFold(100))`` on that cache, against real 10- and 100-fold
-CV projected from the measured training time.
+weight decay 1e-3, batch 256, 10 epochs; then ``ClusteredInfluenceEstimator(
+damping=1e-3)`` builds, per phase, and ``InfluenceCV(cv=KFold(100))`` on the
+default cache, against real 10- and 100-fold CV projected from the measured
+training time.
 
     python benchmarks/build_epochs.py [--n 20000] [--out build_epochs.json]
-                                      [--ranks auto 128]
+                                      [--configs default fast]
+                                      [--baseline PATH]
 
-``--ranks`` builds once per ``correction_rank`` side by side (the first is
-the one reported in full; the others print their build time, kept rank and
-ratio to the first).
+``--configs`` builds once per named configuration side by side (``default``,
+``fast`` = :data:`sklearn_cif.FAST_PRESET`, ``rank128``, ``tol1e-5`` = the
+default before issue 14); each reports seconds and epochs per phase, and its
+KFold(100) ``delta_loss`` against the first configuration's (Spearman,
+median ratio, largest relative difference). ``--baseline PATH`` also builds
+the default of the package found at ``PATH`` (a checkout of an older commit,
+e.g. ``git worktree add /tmp/old <commit>``) on the same net and data, in a
+subprocess, for the before/after table in one run.
 """
 
 import argparse
 import json
+import os
 import pathlib
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 from sklearn.datasets import make_classification
 from sklearn.model_selection import KFold
 from skorch import NeuralNetClassifier
 
-from sklearn_cif import ClusteredInfluenceEstimator, InfluenceCV
-
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--out", default="build_epochs.json")
-    ap.add_argument("--ranks", nargs="+", default=["auto"])
-    args = ap.parse_args()
-    X, y = make_classification(
-        args.n, 64, n_informative=30, n_classes=10, random_state=0
-    )
+def configs():
+    from sklearn_cif import FAST_PRESET
+
+    return {
+        "default": {},
+        "fast": dict(FAST_PRESET),
+        "rank128": {"correction_rank": 128},
+        "tol1e-5": {"cg_tol": 1e-5},
+    }
+
+
+def folds(n):
+    return [te for _, te in KFold(100, shuffle=True, random_state=0).split(np.arange(n))]
+
+
+def build(net, X, y, kwargs):
+    """One build: seconds, phases, diagnostics and the KFold(100) delta_loss."""
+    from sklearn_cif import ClusteredInfluenceEstimator
+
+    est = ClusteredInfluenceEstimator(random_state=0, damping=1e-3, **kwargs)
+    t0 = time.perf_counter()
+    est.fit(net, X, y)
+    seconds = time.perf_counter() - t0
+    return est, {
+        "kwargs": kwargs,
+        "build_s": seconds,
+        "phases_s": dict(est.timings_),
+        "kept_rank": None if est.spectrum_ is None else len(est.spectrum_),
+        "truncation": est.truncation_,
+        "max_cg_iter": int(np.max(est.n_iter_)),
+        "ggn_products": est.n_ggn_products_,
+        "data_passes": est.n_data_passes_,
+        "delta_loss": np.asarray(est.fold_effects(folds(len(y))).delta_loss).tolist(),
+    }
+
+
+def agreement(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return {
+        "spearman": float(spearmanr(a, b)[0]),
+        "median_ratio": float(np.median(a / b)),
+        "max_rel_diff": float(np.max(np.abs(a / b - 1))),
+    }
+
+
+def workload(n, epochs):
+    X, y = make_classification(n, 64, n_informative=30, n_classes=10, random_state=0)
     X, y = X.astype(np.float32), y.astype(np.int64)
     torch.manual_seed(0)
     net = NeuralNetClassifier(
@@ -55,72 +102,129 @@ def main():
         lr=0.01,
         optimizer__weight_decay=1e-3,
         batch_size=256,
-        max_epochs=args.epochs,
+        max_epochs=epochs,
         train_split=None,
         verbose=0,
     )
     t0 = time.perf_counter()
     net.fit(X, y)
-    train = time.perf_counter() - t0
-    epoch = train / args.epochs
-    ranks = [r if r == "auto" else int(r) for r in args.ranks]
-    builds, fitted = {}, []
-    for rank in ranks:
-        other = ClusteredInfluenceEstimator(
-            random_state=0, damping=1e-3, correction_rank=rank
+    return X, y, net, (time.perf_counter() - t0) / epochs
+
+
+def baseline(path, net, X, y):
+    """The default build of the package at ``path``, in a subprocess."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = pathlib.Path(tmp) / "data.pkl"
+        out = pathlib.Path(tmp) / "out.json"
+        data.write_bytes(pickle.dumps((net, X, y)))
+        env = dict(os.environ, PYTHONPATH=str(path))
+        subprocess.run(
+            [sys.executable, __file__, "--_child", str(data), str(out)],
+            env=env,
+            check=True,
+            cwd=tmp,
         )
-        t0 = time.perf_counter()
-        other.fit(net, X, y)
-        builds[str(rank)] = {
-            "build_s": time.perf_counter() - t0,
-            "kept_rank": len(other.spectrum_),
-            "truncation": other.truncation_,
-            "solver": other.solver_,
-        }
-        fitted.append(other)
-    est = fitted[0]
-    build = builds[str(ranks[0])]["build_s"]
+        return json.loads(out.read_text())
+
+
+def child(data, out):
+    net, X, y = pickle.loads(pathlib.Path(data).read_bytes())
+    _, res = build(net, X, y, {})
+    import sklearn_cif
+
+    res["package"] = str(pathlib.Path(sklearn_cif.__file__).parent)
+    pathlib.Path(out).write_text(json.dumps(res))
+
+
+def product_cost(net, X, y, block=50):
+    """Seconds of one damped-GGN product of ``block`` vectors over all of X."""
+    from sklearn_cif.adapters import as_functional
+    from sklearn_cif.curvature import DampedGGNOperator
+    from sklearn_cif.passes import DataPasses
+
+    fm = as_functional(net)
+    op = DampedGGNOperator(DataPasses(fm, X, y, 256), 1e-3)
+    V = torch.randn(block, fm.n_params, generator=torch.Generator().manual_seed(0))
+    op.matmat(V[:2])  # warm-up
     t0 = time.perf_counter()
-    InfluenceCV(est, cv=KFold(100)).fit(net, X, y)
+    op.matmat(V)
+    return time.perf_counter() - t0
+
+
+def print_build(name, res, epoch):
+    b = res["build_s"]
+    print(
+        f"{name}: {b:.1f} s = {b / epoch:.0f} epochs; kept rank {res['kept_rank']}, "
+        f"max CG iterations {res['max_cg_iter']}, {res['ggn_products']} GGN "
+        f"products, {res['data_passes']} data passes"
+    )
+    for k, v in res["phases_s"].items():
+        print(f"  {k:14s} {v:7.1f} s  {v / epoch:7.1f} epochs")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--out", default="build_epochs.json")
+    ap.add_argument("--configs", nargs="+", default=["default", "fast"])
+    ap.add_argument("--baseline", default=None)
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        return child(*args._child)
+    X, y, net, epoch = workload(args.n, args.epochs)
+    product = product_cost(net, X, y)
+    steps_per_epoch = -(-args.n // 256)
+    known = configs()
+    runs, first = {}, None
+    for name in args.configs:
+        est, runs[name] = build(net, X, y, known[name])
+        first = first or (name, est)
+    if args.baseline:
+        runs["baseline"] = baseline(args.baseline, net, X, y)
+    from sklearn_cif import InfluenceCV
+
+    t0 = time.perf_counter()
+    InfluenceCV(first[1], cv=KFold(100)).fit(net, X, y)
     cv100 = time.perf_counter() - t0
+    ref = runs[first[0]]["delta_loss"]
+    for res in runs.values():
+        res["build_epochs"] = res["build_s"] / epoch
+        res["phases_epochs"] = {k: v / epoch for k, v in res["phases_s"].items()}
+        res["vs_first"] = agreement(res["delta_loss"], ref)
+    print(
+        f"training: {args.epochs} epochs in {epoch * args.epochs:.1f} s "
+        f"({epoch:.3f} s/epoch); N = {args.n:,}"
+    )
+    print(
+        f"one GGN product of 50 vectors over N: {product:.2f} s = "
+        f"{product / epoch:.1f} epochs; per vector and batch of 256: "
+        f"{product / 50 / steps_per_epoch * 1e3:.2f} ms = "
+        f"{product / 50 / epoch:.3f} training steps' time"
+    )
+    for name, res in runs.items():
+        print_build(name, res, epoch)
+        a = res["vs_first"]
+        print(
+            f"  KFold(100) delta_loss vs {first[0]}: Spearman {a['spearman']:.4f}, "
+            f"median ratio {a['median_ratio']:.4f}, max rel diff {a['max_rel_diff']:.1e}"
+        )
+    build_s = runs[first[0]]["build_s"]
+    print(
+        f"InfluenceCV(KFold(100)) on the {first[0]} cache: {cv100:.1f} s; real "
+        f"10-fold CV ~ {10 * args.epochs * epoch:.0f} s, real 100-fold "
+        f"~ {100 * args.epochs * epoch:.0f} s (build + queries: "
+        f"{(build_s + cv100) / (10 * args.epochs * epoch):.1f}x real 10-fold)"
+    )
     res = {
         "N": args.n,
-        "p": est.n_params_,
-        "train_s": train,
         "epoch_s": epoch,
-        "build_s": build,
-        "build_epochs": build / epoch,
-        "data_passes": est.n_data_passes_,
-        "ggn_products": est.n_ggn_products_,
-        "phases_s": est.timings_,
-        "phases_epochs": {k: v / epoch for k, v in est.timings_.items()},
+        "train_epochs": args.epochs,
         "influence_cv_kfold100_s": cv100,
-        "builds_by_rank": builds,
-        "real_cv_10_fold_s": 10 * train,
-        "real_cv_100_fold_s": 100 * train,
+        "ggn_product_50_vectors_s": product,
+        "builds": runs,
     }
-    print(
-        f"training: {args.epochs} epochs in {train:.1f} s ({epoch:.2f} s/epoch); "
-        f"p = {res['p']:,}, N = {args.n:,}"
-    )
-    print(
-        f"CiF build: {build:.1f} s = {res['build_epochs']:.0f} epochs, "
-        f"{res['data_passes']} data passes, {res['ggn_products']} GGN products"
-    )
-    for k, v in est.timings_.items():
-        print(f"  {k:14s} {v:7.1f} s  {v / epoch:7.1f} epochs")
-    for rank, b in builds.items():
-        print(
-            f"correction_rank={rank}: {b['build_s']:.1f} s "
-            f"({b['build_s'] / epoch:.0f} epochs, {b['build_s'] / build:.2f}x the "
-            f"first), kept rank {b['kept_rank']}, truncation {b['truncation']:.3f}"
-        )
-    print(
-        f"InfluenceCV(KFold(100)) on the cache: {cv100:.1f} s; real 10-fold CV "
-        f"~ {10 * train:.0f} s, real 100-fold ~ {100 * train:.0f} s "
-        f"(CiF build + queries: {(build + cv100) / (10 * train):.1f}x real 10-fold, "
-        f"{(build + cv100) / (100 * train):.2f}x real 100-fold)"
-    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(res, indent=2))
 

@@ -137,6 +137,7 @@ def block_cg(
     verbose_name="block CG",
     progress=None,
     max_restarts=2,
+    stop=None,
 ):
     r"""Solve ``A x_j = b_j`` for every row ``b_j`` of ``B`` by block (P)CG.
 
@@ -164,6 +165,12 @@ def block_cg(
         Times the solve restarts from the true residual when the recursed
         residual claimed convergence but the recomputed one did not meet
         ``tol`` (lost conjugacy after deflation, float32 drift).
+    stop : callable or None
+        ``stop(X, R) -> bool``, asked after every iteration with the
+        iterates and the recursed residuals of all columns: ``True`` ends
+        the solve there whatever ``tol`` (no restart and no warning; the
+        returned ``residuals`` are then the recursed ones). For a caller
+        that needs a functional of the solutions, not the solutions.
 
     Notes
     -----
@@ -206,6 +213,8 @@ def block_cg(
             R[a] -= alpha.T @ Q
             it += 1
             active = cols.record(R[a], None, progress, block=P.shape[0])
+            if stop is not None and stop(X, R):
+                return cols.stopped(X)
             if not active.size:
                 break
             Z = apply_m(R[active])
@@ -277,6 +286,11 @@ class _Columns:
         """Make the columns whose true residual misses ``tol`` active again."""
         self.active = np.flatnonzero(self.residuals > self.tol)
         return self.active.size > 0
+
+    def stopped(self, X):
+        """The result of a solve its caller's ``stop`` ended (recursed residuals)."""
+        self.residuals = self.rel.astype(np.float64)
+        return CGResult(X, self.residuals, self.n_iter, self.n_products)
 
     def result(self, X, maxiter):
         if not np.all(np.isfinite(self.residuals)):

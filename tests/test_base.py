@@ -26,7 +26,7 @@ def _cif(**kw):
     [
         ("damping", 1.0),
         ("n_clusters", 3),
-        ("cg_tol", 1e-3),
+        ("cg_tol", 1e-5),
         ("loss", "nll"),
         ("random_state", 1),
         ("correction_rank", 7),

@@ -226,3 +226,23 @@ def test_auto_rank_skips_rungs_the_decay_cannot_reach(monkeypatch, decay, expect
     theta = np.arange(1, 18, dtype=float) ** -decay
     need = build.rank_needed(theta[:4], theta[4], 2e-3)
     assert need == pytest.approx((2e-3) ** (-1 / decay), rel=0.02)
+
+
+def test_fast_preset_is_a_set_of_valid_parameters(tiny_classification):
+    # FAST_PRESET spreads into the constructor, survives clone and get_params,
+    # and its rank is the one kept.
+    from sklearn.base import clone
+
+    from sklearn_cif import FAST_PRESET
+
+    net, X, y = tiny_classification
+    est = ClusteredInfluenceEstimator(
+        4, loss="cross_entropy", damping=0.05, solver="cg", random_state=0,
+        **{**FAST_PRESET, "correction_rank": 8},
+    )  # fmt: skip
+    params = clone(est).get_params()
+    assert params["cg_tol"] == FAST_PRESET["cg_tol"]
+    assert params["n_calibration"] == FAST_PRESET["n_calibration"]
+    assert isinstance(FAST_PRESET["correction_rank"], int)
+    est.fit(net, X, y)
+    assert len(est.spectrum_) == 8 and est.cg_residuals_.max() <= FAST_PRESET["cg_tol"]

@@ -46,19 +46,22 @@ def test_cross_term_is_exact(dense):
 
 def test_full_correction_adds_exact_self_influence(dense):
     # With a rank >= p the spectral inverse is exact: the calibration scale is
-    # 1, self_influence_ = r_i^T H^-1 r_i, and only off-diagonal residual
-    # pairs are missing from per-query IF.
+    # 1 (to the calibration solve's bound), self_influence_ = r_i^T H^-1 r_i,
+    # and only off-diagonal residual pairs are missing from per-query IF.
+    from sklearn_cif._build import CALIBRATION_TOL
+
     net, X, y, g, Hinv = dense
     est = _fit(net, X, y, "full", rank=64)  # p = 43
     mu = np.stack([g[est.labels_ == c].mean(0) for c in range(est.n_clusters_)])
     R = g - mu[est.labels_]
     exact_self = np.einsum("ip,pq,iq->i", R, Hinv, R)
-    np.testing.assert_allclose(est.self_influence_, exact_self, rtol=1e-6)
-    assert est.correction_scale_ == pytest.approx(1.0, rel=1e-6)
+    scale = est.correction_scale_
+    assert 1 - CALIBRATION_TOL <= scale <= 1 + 1e-9
+    np.testing.assert_allclose(est.self_influence_ / scale, exact_self, rtol=1e-6)
     N = len(y)
     for S, got in zip(SUBSETS, est.loss_change(SUBSETS, target="if"), strict=True):
         a, b = g[S].sum(0), R[S].sum(0)
-        off_diag = b @ Hinv @ b - exact_self[S].sum()
+        off_diag = b @ Hinv @ b - est.self_influence_[S].sum()
         ref = (a @ Hinv @ a - off_diag) / (N * len(S))
         assert got == pytest.approx(ref, rel=1e-7)
 
@@ -111,3 +114,25 @@ def test_plain_cif_error_stays_below_the_paper_bound(digits):
         bound = cif.error_bound(m)
         print(f"m={m}: mean error {err.mean():.4g}, bound {bound.total:.4g}")
         assert err.mean() < bound.total, (m, err.mean(), bound)
+
+
+@pytest.mark.parametrize("rank", [2, 8])
+def test_calibration_solve_stops_within_its_bound(dense, rank):
+    # The calibration solve stops once sum_i r_i^T x_i is within
+    # CALIBRATION_TOL of sum_i r_i^T H^-1 r_i (it approaches from below), so
+    # the scale lies in [(1 - tol) s*, s*] for the exact (dense) scale s* over
+    # the same examples (here all of them), even with a tight cg_tol.
+    from sklearn_cif._build import CALIBRATION_TOL
+
+    net, X, y, g, Hinv = dense
+    est = ClusteredInfluenceEstimator(
+        3, loss="cross_entropy", damping=LAM, cg_tol=1e-12, solver="cg",
+        correction_rank=rank, n_calibration=len(y), random_state=0,
+    ).fit(net, X, y)  # fmt: skip
+    mu = np.stack([g[est.labels_ == c].mean(0) for c in range(est.n_clusters_)])
+    R = g - mu[est.labels_]
+    exact_self = np.einsum("ip,pq,iq->i", R, Hinv, R)
+    d_raw = est.self_influence_ / est.correction_scale_
+    exact_scale = exact_self.sum() / d_raw.sum()
+    assert (1 - CALIBRATION_TOL) * exact_scale <= est.correction_scale_
+    assert est.correction_scale_ <= exact_scale * (1 + 1e-9)

@@ -50,8 +50,20 @@ def test_public_names_are_all_covered():
     # The list above follows sklearn_cif.__all__ (a new public name needs a docstring).
     import sklearn_cif
 
-    exported = set(sklearn_cif.__all__) - {"__version__", "metrics"}
+    exported = set(sklearn_cif.__all__) - {"__version__", "metrics", "FAST_PRESET"}
     assert exported == set(PUBLIC["sklearn_cif"])
+
+
+def test_presets_are_documented_in_the_api_reference():
+    # A dict has no docstring: the API page describes each preset by name.
+    import pathlib
+
+    import sklearn_cif
+
+    api = (pathlib.Path(__file__).parents[1] / "doc" / "api.rst").read_text()
+    assert ".. data:: FAST_PRESET" in api
+    for key, value in sklearn_cif.FAST_PRESET.items():
+        assert f"``{key}={value!r}``" in api
 
 
 @pytest.mark.parametrize("name, needs_example", OBJECTS, ids=[o for o, _ in OBJECTS])
