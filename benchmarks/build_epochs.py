@@ -56,7 +56,9 @@ def configs():
 
 
 def folds(n):
-    return [te for _, te in KFold(100, shuffle=True, random_state=0).split(np.arange(n))]
+    return [
+        te for _, te in KFold(100, shuffle=True, random_state=0).split(np.arange(n))
+    ]
 
 
 def build(net, X, y, kwargs):

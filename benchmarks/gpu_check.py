@@ -165,8 +165,10 @@ def paper_workload(n, device):
     t0 = time.perf_counter()
     est.loss_change(folds, target="retrain")
     res["queries_retrain_150_s"] = time.perf_counter() - t0
-    print(f"150 fold queries: first order {res['queries_if_150_s']:.2f} s, "
-          f"Newton {res['queries_retrain_150_s']:.2f} s")
+    print(
+        f"150 fold queries: first order {res['queries_if_150_s']:.2f} s, "
+        f"Newton {res['queries_retrain_150_s']:.2f} s"
+    )
     return res
 
 

@@ -54,9 +54,9 @@ print(
     f"train accuracy {net.score(X, y):.3f}"
 )
 
-cif = ClusteredInfluenceEstimator(
-    50, damping=LAM, random_state=0, verbose=1
-).fit(net, X, y)
+cif = ClusteredInfluenceEstimator(50, damping=LAM, random_state=0, verbose=1).fit(
+    net, X, y
+)
 print(
     f"\nCiF cache: {cif.n_clusters_} clusters over {cif.n_params_} parameters, "
     f"{cif.n_data_passes_} data passes, max CG iterations {cif.n_iter_.max()}"

@@ -61,9 +61,7 @@ print(f"training accuracy {net.score(X, y):.3f} on N = {len(X)} examples")
 # ``InfluenceCV`` fits the estimator (one gradient pass, a sketch, k-means
 # and one block-CG solve for the 50 cluster means) and then answers every
 # fold from the cache: no retraining.
-cif = ClusteredInfluenceEstimator(
-    n_clusters=50, damping=LAM, random_state=0, verbose=1
-)
+cif = ClusteredInfluenceEstimator(n_clusters=50, damping=LAM, random_state=0, verbose=1)
 start = time.perf_counter()
 icv = InfluenceCV(
     cif,

@@ -268,9 +268,7 @@ def spectrum(op, rank, seed, like, rows, floor, bar=None):
             op.matmat, op.n_params, floor, rank, seed, like, bar
         )
     budget = DENSE_MAX_FEATURES // max(rows, 1)
-    ladder = [r for r in AUTO_RANKS if r <= min(op.n_params, budget)] or [
-        AUTO_RANKS[0]
-    ]
+    ladder = [r for r in AUTO_RANKS if r <= min(op.n_params, budget)] or [AUTO_RANKS[0]]
     target = (1 + AUTO_RANK_TAIL) * floor
     i = 0
     while True:

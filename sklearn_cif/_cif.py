@@ -147,7 +147,12 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
     curvature_samples : int or None, default=None
         Average the curvature ``G`` over this many seeded random training
         examples instead of all ``N`` (cheaper CG iterations and spectrum;
-        gradients still use every example). ``None``: all examples.
+        gradients still use every example). ``None``: all examples. Not a
+        free saving: an example outside the sample loses its own share of
+        the curvature, so its self-influence grows. On the 19,210-parameter
+        MLP of ``benchmarks/build_epochs.py`` (N = 20,000), 4,096 samples
+        made first-order fold effects 3.1x and plain CiF's 5.9x those of the
+        full curvature.
     curvature : str, default="ggn"
         The curvature operator, by its registered name: ``"ggn"`` is the
         damped mean generalized Gauss-Newton matrix

@@ -373,9 +373,9 @@ def test_defect05_final_residual_above_tol_warns(digits):
     net = trained_mlp(X, y, hidden=16, weight_decay=1e-3, epochs=200)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        est = _est(
-            n_clusters=10, curvature_samples=1, solver="cg", cg_tol=1e-5
-        ).fit(net, X, y)
+        est = _est(n_clusters=10, curvature_samples=1, solver="cg", cg_tol=1e-5).fit(
+            net, X, y
+        )
     messages = [str(w.message) for w in caught if w.category is ConvergenceWarning]
     assert est.cg_residuals_.max() > 1e-5
     assert messages and "above cg_tol=1e-05" in messages[0]
