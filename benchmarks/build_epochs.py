@@ -169,7 +169,12 @@ def main():
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--out", default="build_epochs.json")
-    ap.add_argument("--configs", nargs="+", default=["default", "fast"])
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["default", "fast"],
+        choices=["default", "fast", "rank128", "tol1e-5"],
+    )
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()

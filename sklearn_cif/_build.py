@@ -291,6 +291,8 @@ def rank_needed(evals, tail, target):
     ``inf`` when the spectrum does not decay there.
     """
     r = len(evals)
+    if target <= 0:  # no damping floor: no eigenvalue target to reach
+        return float("inf")
     if r < 2 or tail <= target:
         return float(r)
     mid = float(evals[r // 2 - 1])  # theta at index r / 2
@@ -418,12 +420,13 @@ def calibrate(passes, op, precond, labels, means, d_raw, cfg, seed, bar=None):
 
     ``n_calibration`` random examples with a non-zero residual are solved
     together (preconditioned block CG); ``s`` is the ratio of the sums. The
-    solve stops as soon as the sum is known to :data:`CALIBRATION_TOL`: CG
-    from zero makes ``r^T x_k`` increase to ``r^T H^{-1} r``, short of it by
-    the squared energy-norm error ``e^T H e <= ||b - H x_k||^2 / lambda_min``
-    (the damping floor bounds ``lambda_min`` from below). Without a damping
-    floor the solve runs to a relative residual of 1e-3 (or ``cg_tol`` if
-    tighter).
+    solve runs to a relative residual of 1e-3 (or ``cg_tol`` if looser) and
+    stops earlier once the sum is known to :data:`CALIBRATION_TOL`: for any
+    ``x`` with residual ``q = r - H x``, ``(r + q)^T x = 2 r^T x - x^T H x``
+    falls short of ``r^T H^{-1} r`` by exactly ``q^T H^{-1} q <= ||q||^2 /
+    lambda_min``, and the damping floor bounds ``lambda_min`` from below
+    (the GGN is positive semi-definite). Without a damping floor only the
+    residual rule applies.
     """
     rng = np.random.RandomState(seed)
     candidates = np.flatnonzero(d_raw > 0)
@@ -439,20 +442,24 @@ def calibrate(passes, op, precond, labels, means, d_raw, cfg, seed, bar=None):
     R = passes.subset(idx).map_rows(kernel, gradients=True, dtype=None)["R"]
     R = torch.as_tensor(R, device=means.device)
     floor = float(np.min(cfg.damping))
-    stop, tol = None, max(float(cfg.cg_tol), 1e-3)
+    tol, stop = max(float(cfg.cg_tol), 1e-3), None
     if floor > 0:
-        tol = float(cfg.cg_tol)
 
         def stop(X, res):
-            lower = float((R.double() * X.double()).sum())
-            gap = float((res.double() ** 2).sum()) / floor
-            return gap <= CALIBRATION_TOL * lower
+            lower = _dot64(R + res, X)  # a lower bound for any X
+            gap = float(torch.linalg.vector_norm(res, dtype=torch.float64)) ** 2
+            return gap / floor <= CALIBRATION_TOL * lower
 
     sol = block_cg(
         op.matmat, R, tol, cfg.cg_maxiter, precond=precond, progress=bar, stop=stop
     )
-    exact = (R.double() * sol.x.double()).sum().item()
+    exact = _dot64(R, sol.x)
     return exact / float(d_raw[idx].sum())
+
+
+def _dot64(A, B):
+    """``sum_ij A_ij B_ij`` accumulated in float64, row by row."""
+    return sum(float(a.double() @ b.double()) for a, b in zip(A, B, strict=True))
 
 
 def centers(S, labels, n_clusters):

@@ -47,7 +47,7 @@ __all__ = ["FAST_PRESET", "ClusteredInfluenceEstimator"]
 _CORRECTIONS = {"auto": "full", "full": "full", "cross": "cross", "none": "none"}
 
 #: Parameters of a cheaper CG-path build, ``ClusteredInfluenceEstimator(
-#: **FAST_PRESET)``: looser solves (fold effects move by about 1e-3), the
+#: **FAST_PRESET)``: looser solves (fold effects moved by up to 5e-3), the
 #: spectral approximation at rank 128 instead of grown to 512, and half the
 #: calibration solves. A flat spectrum then keeps less of the Newton step's
 #: curvature: the user guide's build-cost table gives the measured cost and

@@ -20,6 +20,9 @@ from sklearn_cif.gradients import take
 
 __all__ = ["agreement", "fidelity_scorer"]
 
+# Relative residual of the per-query reference solves (at most).
+REFERENCE_TOL = 1e-5
+
 
 def _stats(a, b):
     return (
@@ -107,7 +110,9 @@ def fidelity_scorer(
     to it): ``X, y`` themselves, or, inside a search, the training split of
     ``cv`` whose data fingerprint matches the estimator's. The reference is
     a :class:`~sklearn_cif.PerQueryInfluence` with the estimator's model,
-    loss, damping and solver settings, solved for all folds together.
+    loss, damping and solver settings, solved for all folds together to a
+    relative residual of at most ``1e-5`` (the estimator's ``cg_tol`` if
+    tighter), so that tuning ``cg_tol`` is scored against a fixed reference.
 
     Parameters
     ----------
@@ -161,7 +166,7 @@ def fidelity_scorer(
         folds = [te for _, te in splitter.split(np.empty(len(y_fit)))]
         ref = PerQueryInfluence(
             damping=estimator.damping,
-            cg_tol=estimator.cg_tol,
+            cg_tol=min(estimator.cg_tol, REFERENCE_TOL),
             cg_maxiter=estimator.cg_maxiter,
             batch_size=estimator.batch_size,
             loss=estimator.loss,

@@ -63,10 +63,10 @@ def _check_finite_batch(G, losses, idx):
 def row_sq_norms(G):
     """``||g_i||^2`` of every row, in float64, without a float64 copy of ``G``.
 
-    The norm is taken in ``G``'s precision (a float32 norm does not
-    overflow until ``||g|| > 3e38``) and squared in float64, where
+    The norm is taken in ``G``'s precision and squared in float64, where
     ``||g||^2`` of a finite gradient may lie past float32's range; a row
-    whose float32 norm still overflows is recomputed in float64.
+    whose float32 norm overflows (torch's does beyond about 1.8e19) is
+    recomputed in float64.
     """
     norms = torch.linalg.vector_norm(G, dim=1).double()
     big = ~torch.isfinite(norms)

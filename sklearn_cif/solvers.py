@@ -41,12 +41,12 @@ class CGResult:
         Approximate solutions.
     residuals : ndarray of shape (r,)
         Final relative residuals ``||b - A x|| / ||b||`` (recomputed, not
-        recursed).
+        recursed; the recursed ones when a ``stop`` hook ended the solve).
     n_iter : ndarray of shape (r,)
         Iterations each column ran.
     n_products : int
         Operator-vector products spent (``matmat`` rows), the final
-        residual check included.
+        residual check included (none after a ``stop`` hook).
     """
 
     x: torch.Tensor

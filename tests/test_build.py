@@ -246,3 +246,30 @@ def test_fast_preset_is_a_set_of_valid_parameters(tiny_classification):
     assert isinstance(FAST_PRESET["correction_rank"], int)
     est.fit(net, X, y)
     assert len(est.spectrum_) == 8 and est.cg_residuals_.max() <= FAST_PRESET["cg_tol"]
+
+
+def test_auto_rank_without_a_damping_floor_goes_to_the_last_rung(monkeypatch):
+    # Undamped parameters (floor 0): no eigenvalue target can be reached, the
+    # extrapolation says so (inf) instead of dividing by zero, and the ladder
+    # ends at its last rung as it did before the skipping rule.
+    import sklearn_cif._build as build
+    from sklearn_cif.solvers import SpectralPreconditioner
+
+    asked = []
+
+    def fake(matmat, n, damping, rank, seed, like, bar=None):
+        asked.append(rank)
+        theta = np.arange(1, rank + 2, dtype=float) ** -1.0
+        U = torch.eye(n, dtype=torch.float64)[:rank]
+        return SpectralPreconditioner(torch.as_tensor(theta[:rank]), U, theta[rank])
+
+    monkeypatch.setattr(build, "AUTO_RANKS", (2, 4, 8))
+    monkeypatch.setattr(build, "spectral_preconditioner", fake)
+
+    class Op:
+        n_params = 64
+        matmat = None
+
+    assert build.rank_needed(np.array([1.0, 0.5]), 0.3, 0.0) == float("inf")
+    build.spectrum(Op(), "auto", 0, torch.zeros(1), rows=1, floor=0.0)
+    assert asked == [2, 8]
