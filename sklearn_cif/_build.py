@@ -293,7 +293,7 @@ def rank_needed(evals, tail, target):
     r = len(evals)
     if target <= 0:  # no damping floor: no eigenvalue target to reach
         return float("inf")
-    if r < 2 or tail <= target:
+    if r < 2:
         return float(r)
     mid = float(evals[r // 2 - 1])  # theta at index r / 2
     decay = np.log(mid / tail) / np.log((r + 1) / (r // 2))
@@ -458,8 +458,8 @@ def calibrate(passes, op, precond, labels, means, d_raw, cfg, seed, bar=None):
 
 
 def _dot64(A, B):
-    """``sum_ij A_ij B_ij`` accumulated in float64, row by row."""
-    return sum(float(a.double() @ b.double()) for a, b in zip(A, B, strict=True))
+    """``sum_ij A_ij B_ij`` in float64 (a few calibration rows)."""
+    return float((A.double() * B.double()).sum())
 
 
 def centers(S, labels, n_clusters):
@@ -515,7 +515,7 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
     cluster_centers = centers(S, labels, n_clusters)
     total = np.square(S - S.mean(0)).sum()
     within = np.square(S - cluster_centers[labels]).sum()
-    mean_sq = (means.double() * means.double()).sum(1).cpu().numpy()
+    mean_sq = row_sq_norms(means).cpu().numpy()
     resid_sq = infl["resid_sq"]
     feats = feats or {}
     X, fingerprint = kw["data"]
