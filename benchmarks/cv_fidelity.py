@@ -91,6 +91,8 @@ SETUPS = {
     "mlp_wide_1e-2": dict(data="digits_std", arch="mlp_wide_tanh", lam=1e-2),
     "cnn_1e-3": dict(data="digits_img", arch="cnn", lam=1e-3),
     "bc_lr_1e-2": dict(data="bc_std", arch="lr", lam=1e-2),
+    # built after curvature="auto" was chosen on mlp_std_1e-3 (a check of it)
+    "mlp16_unit_1e-2": dict(data="digits_unit", arch="mlp16", lam=1e-2),
 }
 SCHEMES = ("K50[:25]", "K100[:25]", "SS5%x20", "LOO60")
 # Training: Adam epochs (0 for the convex models), then LBFGS runs of max_iter.
@@ -107,6 +109,8 @@ def data(kind):
         X = X.astype(np.float64)
         if kind == "digits_std":
             X = StandardScaler().fit_transform(X)
+        elif kind == "digits_unit":
+            X = X / 16.0
         elif kind == "digits_img":
             X = (X / 16.0).reshape(-1, 1, 8, 8)
     else:
@@ -121,6 +125,8 @@ def architecture(arch, n_in, n_out):
         net = nn.Linear(n_in, n_out)
     elif arch == "mlp":
         net = nn.Sequential(nn.Linear(n_in, 32), nn.Tanh(), nn.Linear(32, n_out))
+    elif arch == "mlp16":
+        net = nn.Sequential(nn.Linear(n_in, 16), nn.Tanh(), nn.Linear(16, n_out))
     elif arch.startswith("mlp_wide"):
         act = nn.ReLU if arch.endswith("relu") else nn.Tanh
         net = nn.Sequential(

@@ -119,7 +119,9 @@ def epoch_seconds(net, X, y, batch_size=128, repeats=3):
         t0 = time.perf_counter()
         for i in range(0, len(y), batch_size):
             opt.zero_grad()
-            F.cross_entropy(net(X[i : i + batch_size]), y[i : i + batch_size]).backward()
+            F.cross_entropy(
+                net(X[i : i + batch_size]), y[i : i + batch_size]
+            ).backward()
             opt.step()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
@@ -165,7 +167,9 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     OUT.write_text(json.dumps(rows, indent=1))
-    print("\n| model | scheme | direct (s) | dense: build + queries (s) | dense build (epochs) | dense max rel. diff (IF / Newton) | CG total (s) | CG max rel. diff (IF / Newton) |")
+    print(
+        "\n| model | scheme | direct (s) | dense: build + queries (s) | dense build (epochs) | dense max rel. diff (IF / Newton) | CG total (s) | CG max rel. diff (IF / Newton) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         d, c = r["dense"], r["cg"]

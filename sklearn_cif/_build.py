@@ -132,15 +132,25 @@ def build_cache(fmodel, X, y, config, seeds, settings):
         )
     curv_idx = curvature_indices(n, cfg.curvature_samples, seeds.curvature)
     curv_passes = passes if curv_idx is None else passes.subset(curv_idx)
-    op = make_curvature(cfg.curvature, curv_passes, cfg.damping)
+    curvature = "ggn" if cfg.curvature == "auto" else cfg.curvature
+    op = make_curvature(curvature, curv_passes, cfg.damping)
     full = cfg.correction == "full"  # at C = N the residuals are zero
     n_out = n_outputs(fmodel, X)
     solver = choose_solver(cfg.solver, op, n, n_out)
+    if curvature == "hessian" and solver != "dense":
+        raise ValueError(
+            "curvature='hessian' needs solver='dense' (or 'auto' choosing it): "
+            "the spectrum, calibration and error bound of the CG path assume "
+            "a curvature at least the damping. Use curvature='auto' or 'ggn'."
+        )
     precond = None
     if solver == "dense":
+        if cfg.curvature == "auto":
+            op = make_curvature("hessian", curv_passes, cfg.damping)
         with phase("curvature") as bar:
-            A = op.dense(bar)
-            evals, evecs = dense_eigh(A, floor)
+            A, evals, evecs, curvature = dense_curvature(
+                op, cfg.curvature, floor, bar, quiet=opt[1] > MAX_OPTIMALITY_GAP
+            )
             # every eigenpair and no complement: P is A^{-1} itself
             precond = SpectralPreconditioner(
                 evals.to(means), evecs.to(means), float("inf")
@@ -192,6 +202,7 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     return assemble(
         first, labels, means, sol, infl, scale, outs, feats, precond,
         curv_idx=curv_idx, op=op, passes=passes, cfg=cfg, timer=timer, solver=solver,
+        curvature=curvature,
         optimality=opt, floor=floor,
         fmodel=fmodel, data=(X, fingerprint), settings=settings, seeds=seeds,
     )  # fmt: skip
@@ -300,6 +311,43 @@ def rank_needed(evals, tail, target):
     if not decay > 0:
         return float("inf")
     return (r + 1) * (tail / target) ** (1 / decay)
+
+
+def dense_curvature(op, requested, floor, bar=None, quiet=False):
+    """The dense damped curvature, its eigenpairs and its name.
+
+    ``requested`` ``"auto"`` (with a Hessian operator): the Hessian of the
+    damped objective when it is positive definite (flat directions aside),
+    else the Gauss-Newton matrix with a :class:`CIFWarning` (``quiet``: the
+    optimality warning already said the model is not at the optimum). Returns
+    ``(A, evals, evecs, name)`` with ``name`` ``"hessian"`` or ``"ggn"``.
+    """
+    if not hasattr(op, "dense_terms"):  # the Gauss-Newton matrix or a plug-in
+        A = op.dense(bar)
+        return (A, *dense_eigh(A, floor), requested if requested != "auto" else "ggn")
+    G, R = op.dense_terms(bar)
+    A = G + R
+    try:
+        # floor 0: only flat directions (eigenvalues within p epsilons of the
+        # largest) are left out; the Hessian may lie below the damping elsewhere
+        return (A, *dense_eigh(A, 0.0), "hessian")
+    except FloatingPointError:
+        if requested == "hessian":
+            raise
+    lowest = float(torch.linalg.eigvalsh(A)[0])
+    del A, R
+    if quiet:
+        return (G, *dense_eigh(G, floor), "ggn")
+    warnings.warn(
+        "The Hessian of the damped training objective is not positive definite "
+        f"at the model (smallest eigenvalue {lowest:.3g}): it is not at a strict "
+        "minimum of that objective, so a refit has no nearby optimum to move "
+        "to. Using the Gauss-Newton matrix instead (curvature_ = 'ggn'); train "
+        "to convergence with an L2 penalty equal to `damping` for the Hessian.",
+        CIFWarning,
+        stacklevel=4,
+    )
+    return (G, *dense_eigh(G, floor), "ggn")
 
 
 def dense_eigh(A, floor):
@@ -543,6 +591,7 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
             correction_scale=float(scale),
             correction=kw["cfg"].correction,
             solver=kw["solver"],
+            curvature=kw["curvature"],
             gradient_norm=kw["optimality"][0],
             optimality_gap=kw["optimality"][1],
             spectrum=None if precond is None else precond.evals.cpu().numpy(),

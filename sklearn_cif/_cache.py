@@ -73,6 +73,7 @@ class CiFCache:
     correction_scale: float = _scalar(float)
     correction: str = _scalar(str)
     solver: str = _scalar(str)
+    curvature: str = _scalar(str)
     gradient_norm: float = _scalar(float)
     optimality_gap: float = _scalar(float)
     spectrum: np.ndarray = _array("r", optional=True)

@@ -290,10 +290,13 @@ def error_bound(cache, m):
     :math:`\lambda` is the smallest damping, a lower bound on the spectrum of
     the damped curvature; where it is 0 (unpenalized parameters) the dense
     solver's smallest eigenvalue takes its place, and without one the
-    bound is infinite.
+    bound is infinite. The Hessian (``curvature_ == "hessian"``, dense) can
+    lie below the damping: its smallest kept eigenvalue is used.
     """
     N = cache.n_samples_fit
     lam = cache.damping_floor
+    if cache.curvature == "hessian":
+        lam = 0.0
     if lam <= 0 and cache.solver == "dense" and cache.spectrum is not None:
         lam = float(cache.spectrum.min())
     if lam <= 0:

@@ -15,7 +15,9 @@ else):
 
 Operators are built by name through :func:`make_curvature` (the
 ``curvature=`` parameter); ``"ggn"``, the damped generalized Gauss-Newton
-matrix :class:`DampedGGNOperator`, is the first entry. Their data loops go
+matrix :class:`DampedGGNOperator`, is the first entry; ``"hessian"``, the
+damped Hessian of the training objective :class:`DampedHessianOperator`,
+the second. Their data loops go
 through :class:`~sklearn_cif.passes.DataPasses`.
 """
 
@@ -30,6 +32,7 @@ from sklearn_cif.gradients import iter_batches, output_derivatives, output_jacob
 
 __all__ = [
     "DampedGGNOperator",
+    "DampedHessianOperator",
     "curvature_indices",
     "make_curvature",
     "register_curvature",
@@ -206,7 +209,19 @@ class DampedGGNOperator:
         A : torch.Tensor of shape (p, p)
             Symmetric, float64, on the model's device.
         """
+        (A,) = self._dense_terms(progress, hessian=False)
+        return A
+
+    def _dense_terms(self, progress, hessian):
+        r"""One pass: ``[G + Lambda]``, and with ``hessian`` also ``H - G``.
+
+        ``H`` is the Hessian of the mean loss
+        :math:`\frac1N \sum_i \nabla^2_\theta \ell_i`, built column block by
+        column block from its products (:meth:`_batch_hessian`, ``p`` per
+        batch); ``H - G`` is the part the Gauss-Newton matrix leaves out.
+        """
         fm, p = self.fmodel, self.n_params
+        eye = torch.eye(p, dtype=self.dtype, device=self.device) if hessian else None
 
         def kernel(x, y, acc):
             out = fm.forward(fm.theta, x).detach()
@@ -217,14 +232,89 @@ class DampedGGNOperator:
             for rows in iter_batches(x.shape[0], step):
                 J = output_jacobians(fm, x[rows]).double()
                 HJ = H[rows].double() @ J
-                acc += J.reshape(-1, p).T @ HJ.reshape(-1, p)
+                acc[0] += J.reshape(-1, p).T @ HJ.reshape(-1, p)
+            if hessian:
+                block = max(1, min(MAX_COLUMNS, self.max_elements // max(1, x.numel())))
+                for cols in iter_batches(p, block):
+                    acc[1, cols] += self._batch_hessian(x, y, eye[cols]).double()
 
-        acc = torch.zeros(p, p, dtype=torch.float64, device=self.device)
+        n_terms = 2 if hessian else 1
+        acc = torch.zeros(n_terms, p, p, dtype=torch.float64, device=self.device)
         acc = self.passes.accumulate(kernel, acc, progress=progress)
-        A = (acc + acc.T) / (2 * self.n_samples)
-        A.diagonal().add_(torch.as_tensor(self.damping, dtype=torch.float64).to(A))
-        self.n_products += p
+        terms = (acc + acc.transpose(1, 2)) / (2 * self.n_samples)
+        if hessian:
+            terms[1] -= terms[0]
+        terms[0].diagonal().add_(
+            torch.as_tensor(self.damping, dtype=torch.float64).to(terms)
+        )
+        self.n_products += p * n_terms
         if not self._reported:
             self._reported = True
             self._report_clipping()
-        return A
+        return list(terms)
+
+    def _batch_hessian(self, x, y, V):
+        r""":math:`\sum_i \nabla^2_\theta \ell_i\, v` for the rows ``v`` of ``V``.
+
+        Forward-over-reverse products of the batch's summed loss: the full
+        Hessian, whatever output Hessian the loss uses for its Gauss-Newton
+        split (it is the same for a softmax written with logits or with
+        probabilities).
+        """
+        fm = self.fmodel
+
+        def total(theta):
+            return fm.loss.value(fm.forward(theta, x), y).sum()
+
+        grad_total = torch.func.grad(total)
+        _, HV = vmap(lambda t: jvp(grad_total, (fm.theta,), (t,)))(fm.unflatten(V))
+        return fm.flatten(HV, batch_dims=1)
+
+
+@register_curvature("hessian")
+class DampedHessianOperator(DampedGGNOperator):
+    r"""The damped Hessian of the training objective, :math:`\nabla^2 J`, as products.
+
+    :math:`\frac1N \sum_i \nabla^2_\theta \ell_i + \Lambda`: the Gauss-Newton
+    matrix of :class:`DampedGGNOperator` plus what it leaves out,
+    :math:`\frac1N \sum_i \sum_k (\partial \ell_i / \partial f_k)
+    \nabla^2 f_{ik}` (zero for a model linear in its parameters). At a
+    strict minimum of the damped objective it is positive definite and it
+    is the curvature a warm-started refit sees; elsewhere it can be
+    indefinite (conjugate gradient then fails and says so, the dense solver
+    refuses it). ``curvature="auto"`` uses it only where the dense solver
+    confirms it is positive definite.
+    """
+
+    def matmat(self, V):
+        """Apply the damped Hessian to the rows of ``V`` (``(r, p)`` or ``(p,)``)."""
+        single = V.dim() == 1
+        V = V[None] if single else V
+
+        def kernel(x, y, acc):
+            block = max(1, min(MAX_COLUMNS, self.max_elements // max(1, x.numel())))
+            for cols in iter_batches(V.shape[0], block):
+                acc[cols] += self._batch_hessian(x, y, V[cols])
+
+        acc = self.passes.accumulate(kernel, torch.zeros_like(V))
+        out = acc / self.n_samples + self.damping * V
+        self.n_products += V.shape[0]
+        return out[0] if single else out
+
+    def dense(self, progress=None):
+        r"""The matrix :math:`\nabla^2 J` in float64, from one data pass.
+
+        Returns
+        -------
+        A : torch.Tensor of shape (p, p)
+        """
+        A, R = self.dense_terms(progress)
+        return A + R
+
+    def dense_terms(self, progress=None):
+        """``(G + Lambda, R)``: the damped Gauss-Newton matrix and the residual.
+
+        Their sum is the damped Hessian; the build falls back to the first
+        alone when the sum is not positive definite.
+        """
+        return self._dense_terms(progress, hessian=True)

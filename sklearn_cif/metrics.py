@@ -171,6 +171,7 @@ def fidelity_scorer(
             batch_size=estimator.batch_size,
             loss=estimator.loss,
             params=estimator.params,
+            curvature=estimator.curvature_,
             device=estimator.device,
             query_mode="batched",
         ).fit(net, X_fit, y_fit)

@@ -63,6 +63,17 @@ def dense_ggn(module, loss_fn, X, y, damping):
     return G / len(X) + damping * torch.eye(p, dtype=theta.dtype)
 
 
+def dense_hessian(module, loss_fn, X, y, damping):
+    """Explicit Hessian of ``(1/N) sum_i loss_i + (lambda/2) ||theta||^2``."""
+    f = make_f(module)
+    theta = flat_params(module)
+
+    def objective(t):
+        return loss_fn(f(t, X), y).mean() + 0.5 * damping * (t * t).sum()
+
+    return torch.autograd.functional.hessian(objective, theta)
+
+
 def dense_influence(module, loss_fn, X, y, damping, subsets):
     """Dense ``(1/N) (G + lambda I)^{-1} sum_{i in S} g_i`` per subset, plus g."""
     g = loop_grads(module, loss_fn, X, y)

@@ -2,11 +2,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _oracles import dense_ggn, loop_grads
+from _oracles import dense_ggn, dense_hessian, loop_grads
 
 from sklearn_cif import CIFWarning, ClusteredInfluenceEstimator, PerQueryInfluence
 from sklearn_cif.adapters import as_functional
-from sklearn_cif.curvature import DampedGGNOperator, make_curvature, register_curvature
+from sklearn_cif.curvature import (
+    DampedGGNOperator,
+    DampedHessianOperator,
+    make_curvature,
+    register_curvature,
+)
 from sklearn_cif.passes import DataPasses
 from sklearn_cif.solvers import spectral_preconditioner
 
@@ -27,6 +32,40 @@ def test_ggn_matches_dense_classification(tiny_classification, loss):
     op = DampedGGNOperator(DataPasses(fm, X, y, 7), damping=0.1)
     ref = dense_ggn(net, CASES["cross_entropy"], X, y, 0.1)
     torch.testing.assert_close(op.to_dense(), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll_proba", "mse"])
+def test_hessian_matches_autograd_hessian(tiny_classification, tiny_regression, loss):
+    # Gauss-Newton part plus residual, by products (matmat) and by the
+    # dense pass, equals the autograd Hessian of the damped objective; for
+    # skorch's NLL on probabilities the split point does not matter.
+    net, X, y = tiny_regression if loss == "mse" else tiny_classification
+    model = net
+    if loss == "nll_proba":
+        model = torch.nn.Sequential(net, torch.nn.Softmax(-1))
+    fm = as_functional(model, loss=loss, device="cpu")
+    op = DampedHessianOperator(DataPasses(fm, X, y, 7), damping=0.1)
+    if loss == "mse":
+        ref_loss = {"mse": lambda z, t: ((z - t) ** 2).mean(1)}[loss]
+    else:
+        ref_loss = CASES["cross_entropy"]
+    ref = dense_hessian(net, ref_loss, X, y, 0.1)
+    ggn = dense_ggn(net, ref_loss, X, y, 0.1)
+    assert (ref - ggn).abs().max() > 1e-3  # the residual is there to find
+    torch.testing.assert_close(op.to_dense(), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.dense(), ref, rtol=1e-10, atol=1e-12)
+    A, R = DampedHessianOperator(DataPasses(fm, X, y, 7), 0.1).dense_terms()
+    torch.testing.assert_close(A, ggn, rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_of_linear_model_is_the_ggn(tiny_classification):
+    # f linear in theta: no residual, the two operators agree exactly.
+    _, X, y = tiny_classification
+    lin = torch.nn.Linear(4, 3).double()
+    fm = as_functional(lin, loss="cross_entropy", device="cpu")
+    H = DampedHessianOperator(DataPasses(fm, X, y, 7), 0.1).dense()
+    G = DampedGGNOperator(DataPasses(fm, X, y, 7), 0.1).dense()
+    torch.testing.assert_close(H, G, rtol=0, atol=1e-15)
 
 
 def test_ggn_matches_dense_mse_and_callable(tiny_regression):

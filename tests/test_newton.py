@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _oracles import dense_ggn, dense_influence, flat_params, make_f
+from _oracles import dense_ggn, dense_hessian, dense_influence, flat_params, make_f
 from sklearn.model_selection import KFold
 
-from sklearn_cif import ClusteredInfluenceEstimator, InfluenceCV, PerQueryInfluence
+from sklearn_cif import (
+    CIFWarning,
+    ClusteredInfluenceEstimator,
+    InfluenceCV,
+    PerQueryInfluence,
+)
 from sklearn_cif._newton import newton_effects
 from sklearn_cif._subsets import subset_indicator
 
@@ -26,10 +31,15 @@ MSE = lambda out, t: ((out - t) ** 2).mean(1)  # noqa: E731
 FOLDS = [np.arange(0, 6), np.array([3, 17, 21]), np.array([11]), np.arange(12, 24)]
 
 
-def _dense_newton(net, loss_fn, X, y, folds):
-    """Dense Newton step: the fold's loss change at its outputs, and the outputs."""
+def _dense_newton(net, loss_fn, X, y, folds, H=None, lam=LAM):
+    """Dense Newton step: the fold's loss change at its outputs, and the outputs.
+
+    ``H``: the damped curvature (default: the Gauss-Newton matrix); the
+    fold's share removed from it is its Gauss-Newton part either way.
+    """
     n = len(y)
-    _, g, H = dense_influence(net, loss_fn, X, y, LAM, folds)
+    _, g, H_ggn = dense_influence(net, loss_fn, X, y, lam, folds)
+    H = H_ggn if H is None else H
     f, theta = make_f(net), flat_params(net)
     deltas, outs = [], []
     for S in folds:
@@ -186,6 +196,96 @@ def test_dense_solver_is_exact_whatever_the_clustering(n_clusters, tiny_classifi
     np.testing.assert_allclose(eff.oof_outputs, ref_out, rtol=1e-8, atol=1e-10)
     assert est.correction_scale_ == 1.0 and est.complement_ == 0.0
     assert (eff.leverage < 1).all() and not eff.safeguarded.any()
+
+
+def _tanh_mlp_at_optimum(X, y):
+    """A 4-5-3 tanh MLP at a strict minimum of mean CE + LAM/2 ||theta||^2."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    opt = torch.optim.LBFGS(
+        net.parameters(),
+        max_iter=500,
+        tolerance_grad=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        reg = sum((p * p).sum() for p in net.parameters())
+        loss = CE(net(X), y).mean() + 0.5 * LAM * reg
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return net
+
+
+def test_auto_curvature_uses_the_hessian_at_an_optimum(tiny_classification):
+    # At a strict minimum the dense default inverts the damped Hessian: the
+    # responses, the first-order self effects and the Newton step equal
+    # dense algebra with the autograd Hessian (the fold's share removed as
+    # its Gauss-Newton part), for C = 5 and C = N; the Gauss-Newton answers
+    # differ.
+    _, X, y = tiny_classification
+    net = _tanh_mlp_at_optimum(X, y)
+    H = dense_hessian(net, CE, X, y, LAM)
+    assert torch.linalg.eigvalsh(H)[0] > 0  # the premise: a strict minimum
+    _, g, G = dense_influence(net, CE, X, y, LAM, FOLDS)
+    ref, ref_out = _dense_newton(net, CE, X, y, FOLDS, H=H)
+    exact_if = []
+    for S in FOLDS:
+        d = torch.linalg.solve(H, g[S].sum(0) / len(y))
+        exact_if.append((g[S].mean(0) @ d).item())
+    for C in (5, len(y)):
+        est = ClusteredInfluenceEstimator(
+            C, loss="cross_entropy", damping=LAM, random_state=0
+        ).fit(net, X, y)
+        assert (est.solver_, est.curvature_) == ("dense", "hessian")
+        means = torch.stack([g[est.labels_ == c].mean(0) for c in range(C)])
+        np.testing.assert_allclose(
+            est.responses_,
+            torch.linalg.solve(H, means.T).T.numpy(),
+            rtol=1e-7,
+            atol=1e-10,
+        )
+        np.testing.assert_allclose(
+            est.fold_effects(FOLDS, target="if").delta_loss, exact_if, rtol=1e-8
+        )
+        eff = est.fold_effects(FOLDS)
+        np.testing.assert_allclose(eff.delta_loss, ref, rtol=1e-8)
+        np.testing.assert_allclose(eff.oof_outputs, ref_out, rtol=1e-8, atol=1e-10)
+    ggn = ClusteredInfluenceEstimator(
+        5, loss="cross_entropy", damping=LAM, curvature="ggn", random_state=0
+    ).fit(net, X, y)
+    assert ggn.curvature_ == "ggn"
+    ref_ggn, _ = _dense_newton(net, CE, X, y, FOLDS)
+    np.testing.assert_allclose(ggn.fold_effects(FOLDS).delta_loss, ref_ggn, rtol=1e-8)
+    assert np.abs(ref_ggn - ref).max() > 1e-3 * np.abs(ref).max()
+
+
+def test_auto_curvature_falls_back_to_the_ggn_off_a_minimum(tiny_classification):
+    # An untrained net: the Hessian is indefinite. "auto" uses the
+    # Gauss-Newton matrix (the optimality warning says why); "hessian"
+    # refuses; "hessian" with CG is refused before any work.
+    net, X, y = tiny_classification
+    with pytest.warns(CIFWarning, match="not at the optimum"):
+        est = ClusteredInfluenceEstimator(
+            5, loss="cross_entropy", damping=1e-3, random_state=0
+        ).fit(net, X, y)
+    assert est.curvature_ == "ggn"
+    ref, _ = _dense_newton(net, CE, X, y, FOLDS, lam=1e-3)
+    np.testing.assert_allclose(est.fold_effects(FOLDS).delta_loss, ref, rtol=1e-8)
+    with pytest.warns(CIFWarning), pytest.raises(FloatingPointError, match="positive"):
+        ClusteredInfluenceEstimator(
+            5, loss="cross_entropy", damping=1e-3, curvature="hessian", random_state=0
+        ).fit(net, X, y)
+    with pytest.raises(ValueError, match="curvature='hessian' needs solver='dense'"):
+        ClusteredInfluenceEstimator(
+            5, loss="cross_entropy", curvature="hessian", solver="cg", random_state=0
+        ).fit(net, X, y)
 
 
 def _logreg(X, y, lam, keep=None, init=None):
