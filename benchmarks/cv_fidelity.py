@@ -487,7 +487,10 @@ def exact_if(kind, net, X, y, fold_list, kw):
     dropped = []
     if kind == "cif":
         exact = dict(n_clusters=len(y), cg_tol=1e-10, cg_maxiter=20000)
-        est = ClusteredInfluenceEstimator(**{"random_state": 0, **kw, **exact})
+        # the paper's IF: the Gauss-Newton curvature unless asked otherwise
+        est = ClusteredInfluenceEstimator(
+            **{"random_state": 0, "curvature": "ggn", **kw, **exact}
+        )
         est.fit(net, X, y)
         if est.n_clusters_ != len(y):
             print(f"  warning: exact CiF has {est.n_clusters_} clusters, N = {len(y)}")

@@ -145,12 +145,11 @@ def build_cache(fmodel, X, y, config, seeds, settings):
         )
     precond = None
     if solver == "dense":
-        if cfg.curvature == "auto":
+        if cfg.curvature == "auto" and opt[1] <= MAX_OPTIMALITY_GAP:
+            # at its optimum (else the Hessian is no better posed than G)
             op = make_curvature("hessian", curv_passes, cfg.damping)
         with phase("curvature") as bar:
-            A, evals, evecs, curvature = dense_curvature(
-                op, cfg.curvature, floor, bar, quiet=opt[1] > MAX_OPTIMALITY_GAP
-            )
+            A, evals, evecs, curvature = dense_curvature(op, cfg.curvature, floor, bar)
             # every eigenpair and no complement: P is A^{-1} itself
             precond = SpectralPreconditioner(
                 evals.to(means), evecs.to(means), float("inf")
@@ -313,13 +312,14 @@ def rank_needed(evals, tail, target):
     return (r + 1) * (tail / target) ** (1 / decay)
 
 
-def dense_curvature(op, requested, floor, bar=None, quiet=False):
+def dense_curvature(op, requested, floor, bar=None):
     """The dense damped curvature, its eigenpairs and its name.
 
     ``requested`` ``"auto"`` (with a Hessian operator): the Hessian of the
     damped objective when it is positive definite (flat directions aside),
-    else the Gauss-Newton matrix with a :class:`CIFWarning` (``quiet``: the
-    optimality warning already said the model is not at the optimum). Returns
+    else the Gauss-Newton matrix with a :class:`CIFWarning`. (The build asks
+    for the Hessian only for a model at its optimum: off it the optimality
+    warning has spoken and the Gauss-Newton matrix is used directly.) Returns
     ``(A, evals, evecs, name)`` with ``name`` ``"hessian"`` or ``"ggn"``.
     """
     if not hasattr(op, "dense_terms"):  # the Gauss-Newton matrix or a plug-in
@@ -336,8 +336,6 @@ def dense_curvature(op, requested, floor, bar=None, quiet=False):
             raise
     lowest = float(torch.linalg.eigvalsh(A)[0])
     del A, R
-    if quiet:
-        return (G, *dense_eigh(G, floor), "ggn")
     warnings.warn(
         "The Hessian of the damped training objective is not positive definite "
         f"at the model (smallest eigenvalue {lowest:.3g}): it is not at a strict "

@@ -161,10 +161,12 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         the damped Hessian of the training objective (the Gauss-Newton
         matrix plus the loss-weighted second derivatives of the outputs;
         the same for a model linear in its parameters), dense solver only.
-        ``"auto"``: the Hessian with the dense solver when it is positive
-        definite at the model (a strict minimum of the damped objective),
-        else, with a :class:`~sklearn_cif.exceptions.CIFWarning`, the
-        Gauss-Newton matrix; the Gauss-Newton matrix with CG. The resolved
+        ``"auto"``: with the dense solver and a model at its optimum
+        (``optimality_gap_`` at most 1), the Hessian when it is positive
+        definite there (a strict minimum of the damped objective), else,
+        with a :class:`~sklearn_cif.exceptions.CIFWarning`, the
+        Gauss-Newton matrix; the Gauss-Newton matrix off the optimum and
+        with CG. The resolved
         choice is ``curvature_``. A refit lands at the nearby minimum, whose
         position the Hessian governs: on a tanh MLP at its optimum (digits,
         p = 2,410) the Gauss-Newton matrix made the default fold effects

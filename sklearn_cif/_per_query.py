@@ -71,7 +71,12 @@ class PerQueryInfluence(TransformerMixin, BaseInfluence):
         ``random_state``). ``None``: all examples.
     curvature : str, default="ggn"
         The curvature operator by its registered name (``"ggn"``: the
-        damped mean generalized Gauss-Newton matrix).
+        damped mean generalized Gauss-Newton matrix; ``"hessian"``: the
+        damped Hessian of the training objective, positive definite only at
+        a strict minimum, else CG fails and says so). The paper's baseline,
+        and so the default, is the Gauss-Newton matrix;
+        :func:`~sklearn_cif.metrics.fidelity_scorer` compares a CiF
+        estimator with this class on the CiF's own ``curvature_``.
     random_state : int, RandomState instance or None, default=None
         Seeds the curvature subsample.
     verbose : int, default=0

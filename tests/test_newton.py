@@ -235,10 +235,17 @@ def test_auto_curvature_uses_the_hessian_at_an_optimum(tiny_classification):
     assert torch.linalg.eigvalsh(H)[0] > 0  # the premise: a strict minimum
     _, g, G = dense_influence(net, CE, X, y, LAM, FOLDS)
     ref, ref_out = _dense_newton(net, CE, X, y, FOLDS, H=H)
-    exact_if = []
+    exact_if, dtheta = [], []
     for S in FOLDS:
-        d = torch.linalg.solve(H, g[S].sum(0) / len(y))
-        exact_if.append((g[S].mean(0) @ d).item())
+        dtheta.append(torch.linalg.solve(H, g[S].sum(0) / len(y)))
+        exact_if.append((g[S].mean(0) @ dtheta[-1]).item())
+    # per-query IF on the same curvature, by CG on Hessian-vector products
+    pq = PerQueryInfluence(
+        loss="cross_entropy", damping=LAM, curvature="hessian", cg_tol=1e-12
+    ).fit(net, X, y)
+    np.testing.assert_allclose(
+        pq.param_change(FOLDS), torch.stack(dtheta).numpy(), rtol=1e-7, atol=1e-12
+    )
     for C in (5, len(y)):
         est = ClusteredInfluenceEstimator(
             C, loss="cross_entropy", damping=LAM, random_state=0
@@ -267,15 +274,17 @@ def test_auto_curvature_uses_the_hessian_at_an_optimum(tiny_classification):
 
 
 def test_auto_curvature_falls_back_to_the_ggn_off_a_minimum(tiny_classification):
-    # An untrained net: the Hessian is indefinite. "auto" uses the
-    # Gauss-Newton matrix (the optimality warning says why); "hessian"
-    # refuses; "hessian" with CG is refused before any work.
+    # An untrained net, off its optimum: "auto" uses the Gauss-Newton
+    # matrix without building the Hessian (the optimality warning says
+    # why); "hessian" refuses its indefinite Hessian; "hessian" with CG is
+    # refused before any work.
     net, X, y = tiny_classification
     with pytest.warns(CIFWarning, match="not at the optimum"):
         est = ClusteredInfluenceEstimator(
             5, loss="cross_entropy", damping=1e-3, random_state=0
         ).fit(net, X, y)
     assert est.curvature_ == "ggn"
+    assert est.n_ggn_products_ == sum(q.numel() for q in net.parameters())
     ref, _ = _dense_newton(net, CE, X, y, FOLDS, lam=1e-3)
     np.testing.assert_allclose(est.fold_effects(FOLDS).delta_loss, ref, rtol=1e-8)
     with pytest.warns(CIFWarning), pytest.raises(FloatingPointError, match="positive"):
@@ -286,6 +295,38 @@ def test_auto_curvature_falls_back_to_the_ggn_off_a_minimum(tiny_classification)
         ClusteredInfluenceEstimator(
             5, loss="cross_entropy", curvature="hessian", solver="cg", random_state=0
         ).fit(net, X, y)
+
+
+def test_auto_curvature_warns_at_a_saddle(tiny_classification):
+    # Zero weights and the output bias at its optimum: every gradient is 0
+    # (optimality_gap_ ~ 0), but the weights' cross terms make the Hessian
+    # indefinite. "auto" says so and uses the Gauss-Newton matrix.
+    _, X, y = tiny_classification
+    lam = 1e-3
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    bias = net[2].bias
+    opt = torch.optim.LBFGS([bias], max_iter=200, tolerance_grad=1e-14)
+
+    def closure():
+        opt.zero_grad()
+        loss = CE(net(X), y).mean() + 0.5 * lam * (bias * bias).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert torch.linalg.eigvalsh(dense_hessian(net, CE, X, y, lam))[0] < -lam
+    with pytest.warns(CIFWarning, match="Hessian .* not positive definite"):
+        est = ClusteredInfluenceEstimator(
+            5, loss="cross_entropy", damping=lam, random_state=0
+        ).fit(net, X, y)
+    assert est.optimality_gap_ < 1e-4 and est.curvature_ == "ggn"
+    ref, _ = _dense_newton(net, CE, X, y, FOLDS, lam=lam)
+    np.testing.assert_allclose(est.fold_effects(FOLDS).delta_loss, ref, rtol=1e-8)
 
 
 def _logreg(X, y, lam, keep=None, init=None):
