@@ -327,15 +327,19 @@ def dense_curvature(op, requested, floor, bar=None):
         return (A, *dense_eigh(A, floor), requested if requested != "auto" else "ggn")
     G, R = op.dense_terms(bar)
     A = G + R
+    del R
+    # The Hessian may lie below the damping, so no floor; its products carry
+    # the model dtype's rounding, so an eigenvalue within p of its epsilons of
+    # the largest is unresolved: left out as flat where some parameters are
+    # undamped (as for G), a failure where all are damped.
+    eps = torch.finfo(op.dtype).eps
     try:
-        # floor 0: only flat directions (eigenvalues within p epsilons of the
-        # largest) are left out; the Hessian may lie below the damping elsewhere
-        return (A, *dense_eigh(A, 0.0), "hessian")
-    except FloatingPointError:
+        return (A, *dense_eigh(A, 0.0, eps=eps, flat_ok=floor <= 0), "hessian")
+    except FloatingPointError as exc:
         if requested == "hessian":
             raise
-    lowest = float(torch.linalg.eigvalsh(A)[0])
-    del A, R
+        lowest = exc.args[1] if len(exc.args) > 1 else float("nan")
+    del A
     warnings.warn(
         "The Hessian of the damped training objective is not positive definite "
         f"at the model (smallest eigenvalue {lowest:.3g}): it is not at a strict "
@@ -348,26 +352,32 @@ def dense_curvature(op, requested, floor, bar=None):
     return (G, *dense_eigh(G, floor), "ggn")
 
 
-def dense_eigh(A, floor):
+def dense_eigh(A, floor, eps=None, flat_ok=True):
     """Every eigenpair of the dense damped curvature, descending, in float64.
 
     With a positive damping floor the matrix must be positive definite.
     Where some parameters are not damped (``floor`` 0), directions in which
-    the objective is flat (eigenvalues within ``p`` float64 epsilons of the
-    largest: the shift of all logits that a softmax ignores, collinear
-    features) are left out, so every solve is the pseudo-inverse's (the
-    minimum-norm change, as ``lstsq`` would give).
+    the objective is flat (eigenvalues within ``p`` epsilons ``eps``,
+    float64's by default, of the largest: the shift of all logits that a
+    softmax ignores, collinear features) are left out, so every solve is
+    the pseudo-inverse's (the minimum-norm change, as ``lstsq`` would
+    give). ``flat_ok=False`` (with ``floor`` 0): such an eigenvalue is a
+    failure instead. A failure raises ``FloatingPointError(message,
+    smallest eigenvalue)``.
     """
     evals, evecs = torch.linalg.eigh(A)  # ascending
     if not bool(torch.isfinite(evals).all()):
         raise FloatingPointError("The dense curvature has non-finite eigenvalues.")
     cutoff = 0.0
     if floor <= 0:
-        cutoff = float(evals[-1]) * A.shape[0] * torch.finfo(torch.float64).eps
-    if float(evals[0]) < -cutoff or float(evals[-1]) <= 0:
+        eps = torch.finfo(torch.float64).eps if eps is None else eps
+        cutoff = float(evals[-1]) * A.shape[0] * eps
+    lowest = float(evals[0])
+    if lowest < -cutoff or float(evals[-1]) <= 0 or (not flat_ok and lowest <= cutoff):
         raise FloatingPointError(
             "The dense curvature is not positive definite (smallest eigenvalue "
-            f"{float(evals[0]):.3g}); increase `damping` or check the model."
+            f"{lowest:.3g}); increase `damping` or check the model.",
+            lowest,
         )
     keep = evals > cutoff
     return evals[keep].flip(0), canonical_signs(evecs[:, keep].T.flip(0))

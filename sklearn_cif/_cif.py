@@ -170,7 +170,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         choice is ``curvature_``. A refit lands at the nearby minimum, whose
         position the Hessian governs: on a tanh MLP at its optimum (digits,
         p = 2,410) the Gauss-Newton matrix made the default fold effects
-        1.45-1.50x those of warm-started refits, the Hessian 0.90-1.00x
+        1.45-1.50x those of warm-started refits, the Hessian 0.91-1.00x
         (see the user guide's "Curvature" section).
     device : str, default="auto"
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
@@ -257,14 +257,16 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
     curvature_indices_ : ndarray of shape (curvature_samples,) or None
         The examples the curvature averages over (``None``: all).
     n_data_passes_, n_ggn_products_ : int
-        Work counters of the fit.
+        Work counters of the fit (curvature-vector products of either
+        curvature; the dense Hessian's pass counts ``2 p``).
     timings_ : dict
         Seconds per phase: ``sketch``, ``cluster``, ``cluster_means``,
         ``curvature`` (dense) or ``spectrum`` (CG), ``solve``, ``influence``,
         ``calibration`` (CG), ``outputs`` and ``newton`` (the last three
         with the default ``residual_correction``).
     spectrum_ : ndarray of shape (r,) or None
-        Top eigenvalues of :math:`G + \lambda I`, descending
+        Top eigenvalues of the damped curvature (:math:`G + \lambda I`, or
+        the Hessian, which may lie below the damping), descending
         (``r = correction_rank``; all ``p`` with the dense solver).
     complement_ : float or None
         The inverse curvature used outside their eigenvectors (0 with the
@@ -444,6 +446,11 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             )
         if self.curvature != "auto":
             check_curvature(self.curvature)
+        if self.curvature == "hessian" and self.solver == "cg":
+            raise ValueError(
+                "curvature='hessian' needs solver='dense' (or 'auto' choosing "
+                "it); with CG use curvature='auto' or 'ggn'."
+            )
         distributed = resolve_distributed(self.distributed)
         return BuildConfig(
             n_clusters=int(self.n_clusters),

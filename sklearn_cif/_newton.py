@@ -58,9 +58,10 @@ __all__ = [
 MAX_OUTPUTS = 64
 # Leverage (top eigenvalue of H_S^{1/2} K H_S^{1/2} / N) above which a fold's
 # Newton step is clipped: its output change grows at most 1 / (1 - 0.99) =
-# 100-fold over first order. Exact curvature keeps it below 1; approximate
-# curvature (a subsample, a truncated spectrum) can push it past 1, where the
-# unclipped step changes sign.
+# 100-fold over first order. The exact Gauss-Newton curvature keeps it below
+# 1; approximate curvature (a subsample, a truncated spectrum) can push it
+# past 1, where the unclipped step changes sign, and so can the Hessian
+# (curvature_ "hessian"): it may lie below the fold's Gauss-Newton share.
 MAX_LEVERAGE = 0.99
 
 
@@ -104,8 +105,10 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
     space (``m d`` unknowns) when ``m d <= r``, else through the ``r``
     eigendirections (block diagonal plus rank ``r``). The output-space form
     also gives the fold's leverage, the top eigenvalue of
-    :math:`\tfrac1N H_S^{1/2} K H_S^{1/2}` (below 1 for an exact
-    curvature: the removal objective stays convex); eigenvalues above
+    :math:`\tfrac1N H_S^{1/2} K H_S^{1/2}` (below 1 for the exact
+    Gauss-Newton curvature: the removal objective stays convex; the
+    Hessian can exceed the fold's Gauss-Newton share less than that);
+    eigenvalues above
     :data:`MAX_LEVERAGE` are clipped to it, which bounds the step's
     amplification :math:`\\|J_S d_N\\| / \\|J_S u\\|` by
     ``1 / (1 - MAX_LEVERAGE)``. A fold whose step is not finite falls back

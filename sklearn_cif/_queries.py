@@ -63,7 +63,8 @@ class FoldEffects:
     leverage : ndarray of shape (Q,)
         The Newton step's leverage of each subset (top eigenvalue of
         :math:`\\tfrac1N H_S^{1/2} J_S H^{-1} J_S^\\top H_S^{1/2}`; below 1
-        for an exact curvature); NaN where not computed (first order, or a
+        for the exact Gauss-Newton curvature, not guaranteed with the
+        Hessian); NaN where not computed (first order, or a
         subset solved through the eigendirections).
     amplification : ndarray of shape (Q,)
         How far the Newton step goes beyond first order:
