@@ -98,7 +98,9 @@ def jacobian_kernel(fmodel, labels, means, U, max_elements=2**24):
     return kernel
 
 
-def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats):
+def newton_effects(
+    ind, first, w_means, n_samples, inv_evals, complement, feats, indefinite=False
+):
     """Newton-step self loss change and fold output changes for CSR subsets.
 
     Each fold is solved in the cheaper of two exact forms: in its output
@@ -111,8 +113,13 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
     eigenvalues above
     :data:`MAX_LEVERAGE` are clipped to it, which bounds the step's
     amplification :math:`\\|J_S d_N\\| / \\|J_S u\\|` by
-    ``1 / (1 - MAX_LEVERAGE)``. A fold whose step is not finite falls back
-    to first order.
+    ``1 / (1 - MAX_LEVERAGE)``. With ``indefinite`` (the Hessian, whose
+    removal curvature may be indefinite: leverage above 1 is then a
+    direction where the quadratic model has no minimum, not an
+    approximation error) an eigenvalue beyond 1 amplifies by
+    :math:`1 / |1 - \\mu|` instead, the saddle-free Newton rule of Dauphin
+    et al. (2014), still capped at ``1 / (1 - MAX_LEVERAGE)``. A fold whose
+    step is not finite falls back to first order.
 
     Parameters
     ----------
@@ -130,6 +137,9 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
         ``c``: the inverse curvature on the complement of ``U``.
     feats : dict
         Per-example features, as :meth:`CiFCache.newton_features` returns.
+    indefinite : bool, default=False
+        The curvature may lie below the fold's Gauss-Newton share (the
+        Hessian): reflect leverage above 1 instead of clipping it.
 
     Returns
     -------
@@ -164,7 +174,7 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
         # K = F D F^T (all pairs) + c (J_i J_i^T - F_i F_i^T) (within examples).
         Bd = c * (f64["gram"] - F @ F.transpose(0, 2, 1))
         if m * w.shape[1] <= D.size:
-            out, z, lev = _output_space_step(F, Hs, Bd, D, w, N)
+            out, z, lev = _output_space_step(F, Hs, Bd, D, w, N, indefinite)
             res.leverage[q] = lev
             res.safeguarded[q] = lev > MAX_LEVERAGE
         else:
@@ -181,14 +191,16 @@ def newton_effects(ind, first, w_means, n_samples, inv_evals, complement, feats)
     return res
 
 
-def _output_space_step(F, Hs, Bd, D, w, N):
+def _output_space_step(F, Hs, Bd, D, w, N, indefinite=False):
     r"""The fold's step in its ``m d`` output coordinates, with leverage clipping.
 
     With :math:`S = H_S^{1/2}` and :math:`M = S K S / N = V \mathrm{diag}(\mu)
     V^\top` (symmetric), the step satisfies
     :math:`S J_S d_N = (I - M)^{-1} S w`, i.e. each eigendirection of ``M``
     amplifies first order by :math:`1 / (1 - \mu_k)`. Eigenvalues above
-    :data:`MAX_LEVERAGE` are clipped to it in both factors. Returns
+    :data:`MAX_LEVERAGE` are clipped to it in both factors (``indefinite``:
+    :math:`\mu > 1` is first reflected to :math:`2 - \mu`, i.e. the gain
+    :math:`1 / |1 - \mu|`). Returns
     ``(J_S d_N, z, max mu)`` with :math:`z = \frac1N H_S x`,
     :math:`x = (I - K H_S / N)^{-1} w`.
     """
@@ -206,7 +218,8 @@ def _output_space_step(F, Hs, Bd, D, w, N):
     M = Sb @ K @ Sb / N
     mu, V = np.linalg.eigh((M + M.T) / 2)
     lev = float(mu[-1]) if mu.size else 0.0
-    clipped = np.minimum(mu, MAX_LEVERAGE)
+    eff = 1.0 - np.abs(1.0 - mu) if indefinite else mu
+    clipped = np.minimum(eff, MAX_LEVERAGE)
     gain = clipped / (1.0 - clipped)  # mu / (1 - mu), clipped
     safe = np.abs(mu) > 1e-12
     per_mu = np.where(safe, gain / np.where(safe, mu, 1.0), 1.0 / (1.0 - clipped))

@@ -168,6 +168,7 @@ def _newton_step(cache, ind, first, d_out):
         1.0 / cache.spectrum,
         cache.complement,
         cache.newton_features(),
+        indefinite=cache.curvature == "hessian",
     )
 
 

@@ -171,6 +171,20 @@ def test_a_fold_past_leverage_one_is_clipped_not_flipped():
     assert res.safeguarded[0]
     assert res.out_change[0, 0] == pytest.approx(0.5 / (1 - MAX_LEVERAGE))
     assert res.amplification[0] == pytest.approx(1 / (1 - MAX_LEVERAGE))
+    # With the Hessian the removal curvature may be indefinite for real: the
+    # saddle-free rule amplifies by 1 / |1 - 1.8| (sign kept, not 100-fold);
+    # leverage within 0.01 of 1 is still capped at 1 / (1 - MAX_LEVERAGE).
+    res = newton_effects(
+        ind, np.array([0.1]), w, N, np.ones(r), 0.0, feats, indefinite=True
+    )
+    assert res.safeguarded[0]
+    assert res.out_change[0, 0] == pytest.approx(0.5 / 0.8)
+    assert res.amplification[0] == pytest.approx(1 / 0.8)
+    feats["gram"], feats["F"] = np.array([[[5.0]]]), np.array([[[5**0.5, 0, 0]]])
+    res = newton_effects(  # K H / N = 5 * 2 / 10 = 1.0 exactly
+        ind, np.array([0.1]), w, N, np.ones(r), 0.0, feats, indefinite=True
+    )
+    assert res.amplification[0] == pytest.approx(1 / (1 - MAX_LEVERAGE))
 
 
 @pytest.mark.parametrize("n_clusters", [1, 5, None])
