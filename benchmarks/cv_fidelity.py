@@ -2,6 +2,7 @@
 
     python benchmarks/cv_fidelity.py [--setups NAME ...] [--estimator-kwargs JSON]
                                      [--refits-only] [--exact {auto,pq,cif}]
+                                     [--schemes SCHEME ...]
 
 An acceptance benchmark: the package's defaults (``n_clusters=50``,
 ``target="auto"``) on seven float64 setups from scikit-learn's own data
@@ -648,10 +649,18 @@ def table(out):
 
 
 def main():
+    global SCHEMES
     ap = argparse.ArgumentParser()
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--estimator-kwargs", default="{}", type=json.loads)
     ap.add_argument("--refits-only", action="store_true")
+    ap.add_argument(
+        "--schemes",
+        nargs="+",
+        default=list(SCHEMES),
+        choices=list(SCHEMES),
+        help="a subset of the fold schemes (fewer refits on a slow model)",
+    )
     ap.add_argument(
         "--exact",
         choices=["auto", "pq", "cif"],
@@ -659,6 +668,7 @@ def main():
         help="exact IF by PerQueryInfluence (pq) or CiF with N clusters (cif)",
     )
     args = ap.parse_args()
+    SCHEMES = tuple(s for s in SCHEMES if s in args.schemes)
     if args.exact == "auto":
         args.exact = "pq"
     RESULTS.mkdir(exist_ok=True)
