@@ -109,6 +109,21 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     def phase(name, total=None, desc=None):
         return _phase(timer, cfg.verbose, name, total, desc)
 
+    # The curvature and solver are settled before any pass.
+    curv_idx = curvature_indices(n, cfg.curvature_samples, seeds.curvature)
+    curv_passes = passes if curv_idx is None else passes.subset(curv_idx)
+    curvature = "ggn" if cfg.curvature == "auto" else cfg.curvature
+    op = make_curvature(curvature, curv_passes, cfg.damping)
+    full = cfg.correction == "full"  # at C = N the residuals are zero
+    n_out = n_outputs(fmodel, X)
+    solver = choose_solver(cfg.solver, op, n, n_out)
+    if curvature == "hessian" and solver != "dense":
+        raise ValueError(
+            "curvature='hessian' needs solver='dense' (or 'auto' choosing it): "
+            "the spectrum, calibration and error bound of the CG path assume "
+            "a curvature at least the damping. Use curvature='auto' or 'ggn'."
+        )
+
     sketch = make_sketch(cfg.sketch, fmodel.n_params, cfg.sketch_dim, seeds.sketch)
     with phase("sketch", n) as bar:
         first = sketch_pass(passes, sketch, bar)
@@ -129,19 +144,6 @@ def build_cache(fmodel, X, y, config, seeds, settings):
             "optimizer__weight_decay), or set `damping` to the training one.",
             CIFWarning,
             stacklevel=3,
-        )
-    curv_idx = curvature_indices(n, cfg.curvature_samples, seeds.curvature)
-    curv_passes = passes if curv_idx is None else passes.subset(curv_idx)
-    curvature = "ggn" if cfg.curvature == "auto" else cfg.curvature
-    op = make_curvature(curvature, curv_passes, cfg.damping)
-    full = cfg.correction == "full"  # at C = N the residuals are zero
-    n_out = n_outputs(fmodel, X)
-    solver = choose_solver(cfg.solver, op, n, n_out)
-    if curvature == "hessian" and solver != "dense":
-        raise ValueError(
-            "curvature='hessian' needs solver='dense' (or 'auto' choosing it): "
-            "the spectrum, calibration and error bound of the CG path assume "
-            "a curvature at least the damping. Use curvature='auto' or 'ggn'."
         )
     precond = None
     if solver == "dense":

@@ -448,11 +448,6 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             )
         if self.curvature != "auto":
             check_curvature(self.curvature)
-        if self.curvature == "hessian" and self.solver == "cg":
-            raise ValueError(
-                "curvature='hessian' needs solver='dense' (or 'auto' choosing "
-                "it); with CG use curvature='auto' or 'ggn'."
-            )
         distributed = resolve_distributed(self.distributed)
         return BuildConfig(
             n_clusters=int(self.n_clusters),

@@ -158,25 +158,32 @@ class DampedGGNOperator:
                 stacklevel=4,
             )
 
-    def matmat(self, V):
-        """Apply the damped GGN to the rows of ``V`` (``(r, p)`` or ``(p,)``)."""
+    def _column_block(self, x):
+        """Tangent vectors traced together in one ``vmap`` call on batch ``x``.
+
+        vmap over r tangents materializes r copies of the batch's
+        activations: bound r x (input numbers) so that a CNN on images does
+        not thrash memory (CIFAR-shaped CNN: 20 s -> 11 s per 74 vectors),
+        and r itself: the 64-256-10 MLP took 7.4 ms per vector in blocks of
+        64 and 11.6 ms in blocks of 128 (its rank-512 spectrum is computed
+        in blocks of 128); checked afterwards on a 30-128-128-1 MLP: equal
+        within noise (9.6-9.9 vs 9.9-10.5 ms); tiny models lose at most
+        ~10 % by the cap.
+        """
+        return max(1, min(MAX_COLUMNS, self.max_elements // max(1, x.numel())))
+
+    def _apply(self, V, batch_product):
+        """``(1/N) sum_batches batch_product(x, y, V_cols, cols) + Lambda V``.
+
+        ``V`` is ``(r, p)`` or ``(p,)``; columns go in blocks of
+        :meth:`_column_block`.
+        """
         single = V.dim() == 1
         V = V[None] if single else V
 
         def kernel(x, y, acc):
-            # vmap over r tangents materializes r copies of the batch's
-            # activations: bound r x (input numbers) so that a CNN on images
-            # does not thrash memory (CIFAR-shaped CNN: 20 s -> 11 s per 74
-            # vectors), and r itself: the 64-256-10 MLP took 7.4 ms per
-            # vector in blocks of 64 and 11.6 ms in blocks of 128 (its
-            # rank-512 spectrum is computed in blocks of 128); checked
-            # afterwards on a 30-128-128-1 MLP: equal within noise (9.6-9.9
-            # vs 9.9-10.5 ms); tiny models lose at most ~10 % by the cap.
-            block = max(1, min(MAX_COLUMNS, self.max_elements // max(1, x.numel())))
-            for cols in iter_batches(V.shape[0], block):
-                # each example counted once: first pass, first column block
-                count = not self._reported and cols.start == 0
-                acc[cols] += self._batch_ggn(x, y, V[cols], count)
+            for cols in iter_batches(V.shape[0], self._column_block(x)):
+                acc[cols] += batch_product(x, y, V[cols], cols)
 
         acc = self.passes.accumulate(kernel, torch.zeros_like(V))
         out = acc / self.n_samples + self.damping * V
@@ -185,6 +192,16 @@ class DampedGGNOperator:
             self._reported = True
             self._report_clipping()
         return out[0] if single else out
+
+    def matmat(self, V):
+        """Apply the damped GGN to the rows of ``V`` (``(r, p)`` or ``(p,)``)."""
+
+        def product(x, y, V_cols, cols):
+            # each example counted once: first pass, first column block
+            count = not self._reported and cols.start == 0
+            return self._batch_ggn(x, y, V_cols, count)
+
+        return self._apply(V, product)
 
     def to_dense(self):
         """The full ``p x p`` matrix by ``p`` products (tests and tiny models only)."""
@@ -234,8 +251,7 @@ class DampedGGNOperator:
                 HJ = H[rows].double() @ J
                 acc[0] += J.reshape(-1, p).T @ HJ.reshape(-1, p)
             if hessian:
-                block = max(1, min(MAX_COLUMNS, self.max_elements // max(1, x.numel())))
-                for cols in iter_batches(p, block):
+                for cols in iter_batches(p, self._column_block(x)):
                     acc[1, cols] += self._batch_hessian(x, y, eye[cols]).double()
 
         n_terms = 2 if hessian else 1
@@ -288,18 +304,7 @@ class DampedHessianOperator(DampedGGNOperator):
 
     def matmat(self, V):
         """Apply the damped Hessian to the rows of ``V`` (``(r, p)`` or ``(p,)``)."""
-        single = V.dim() == 1
-        V = V[None] if single else V
-
-        def kernel(x, y, acc):
-            block = max(1, min(MAX_COLUMNS, self.max_elements // max(1, x.numel())))
-            for cols in iter_batches(V.shape[0], block):
-                acc[cols] += self._batch_hessian(x, y, V[cols])
-
-        acc = self.passes.accumulate(kernel, torch.zeros_like(V))
-        out = acc / self.n_samples + self.damping * V
-        self.n_products += V.shape[0]
-        return out[0] if single else out
+        return self._apply(V, lambda x, y, V_cols, _: self._batch_hessian(x, y, V_cols))
 
     def dense(self, progress=None):
         r"""The matrix :math:`\nabla^2 J` in float64, from one data pass.

@@ -218,23 +218,7 @@ def _tanh_mlp_at_optimum(X, y):
     net = torch.nn.Sequential(
         torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
     ).double()
-    opt = torch.optim.LBFGS(
-        net.parameters(),
-        max_iter=500,
-        tolerance_grad=1e-12,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        reg = sum((p * p).sum() for p in net.parameters())
-        loss = CE(net(X), y).mean() + 0.5 * LAM * reg
-        loss.backward()
-        return loss
-
-    for _ in range(5):
-        opt.step(closure)
-    return net
+    return _lbfgs_optimum(X, y, LAM, init=net)
 
 
 def test_auto_curvature_uses_the_hessian_at_an_optimum(tiny_classification):
@@ -343,8 +327,12 @@ def test_auto_curvature_warns_at_a_saddle(tiny_classification):
     np.testing.assert_allclose(est.fold_effects(FOLDS).delta_loss, ref, rtol=1e-8)
 
 
-def _logreg(X, y, lam, keep=None, init=None):
-    """Multinomial logistic regression at its regularized optimum (float64)."""
+def _lbfgs_optimum(X, y, lam, keep=None, init=None):
+    """``init`` (default: multinomial logistic regression) at its optimum.
+
+    The optimum of (1/N) sum_{i in keep} CE_i + lam/2 ||theta||^2 (float64,
+    N = len(y): the full-data scale, as a refit without a fold).
+    """
     torch.manual_seed(0)
     net = torch.nn.Linear(X.shape[1], 10).double() if init is None else init
     xs, ys = (X, y) if keep is None else (X[keep], y[keep])
@@ -375,12 +363,12 @@ def test_retrain_target_predicts_actual_retraining_better(digits):
     X, y = digits
     X, y = torch.as_tensor(X[:400], dtype=torch.float64), torch.as_tensor(y[:400])
     lam = 1e-3
-    net = _logreg(X, y, lam)
+    net = _lbfgs_optimum(X, y, lam)
     folds = [np.sort(t) for _, t in KFold(20, shuffle=True, random_state=0).split(X)]
     actual = []
     for S in folds[:8]:
         keep = np.setdiff1d(np.arange(len(y)), S)
-        refit = _logreg(X, y, lam, keep, copy.deepcopy(net))
+        refit = _lbfgs_optimum(X, y, lam, keep, copy.deepcopy(net))
         with torch.no_grad():
             actual.append(
                 (
