@@ -199,7 +199,10 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     feats = None
     if full:
         with phase("newton", n) as bar:
-            feats = newton_features(passes, labels, means, precond, outs["out"], bar)
+            feats = newton_features(
+                passes, labels, means, precond, outs["out"], bar,
+                probe_seed=seeds.spectrum if solver == "dense" else None,
+            )  # fmt: skip
     return assemble(
         first, labels, means, sol, infl, scale, outs, feats, precond,
         curv_idx=curv_idx, op=op, passes=passes, cfg=cfg, timer=timer, solver=solver,
@@ -547,11 +550,13 @@ def output_pass(passes, V, bar=None):
     return passes.map_rows(kernel, dtype=None, progress=bar)
 
 
-def newton_features(passes, labels, means, precond, outputs, bar=None):
+def newton_features(passes, labels, means, precond, outputs, bar=None, probe_seed=None):
     """Pass 5: the per-example features of the Newton step, or ``None``.
 
     ``None`` (with a :class:`~sklearn_cif.exceptions.CIFWarning`) when the
-    output has more than ``MAX_OUTPUTS`` numbers per example.
+    output has more than ``MAX_OUTPUTS`` numbers per example. With a
+    ``probe_seed``, also each example's ``nonlinearity`` along a seeded
+    random direction (:func:`sklearn_cif._newton.nonlinearity`).
     """
     d = outputs.shape[1]
     if d > _newton.MAX_OUTPUTS:
@@ -563,8 +568,28 @@ def newton_features(passes, labels, means, precond, outputs, bar=None):
             stacklevel=4,
         )
         return None
-    kernel = _newton.jacobian_kernel(passes.fmodel, labels, means, precond.evecs)
+    probe = None
+    if probe_seed is not None:
+        gen = torch.Generator().manual_seed(probe_seed)
+        probe = torch.randn(passes.fmodel.n_params, generator=gen, dtype=torch.float64)
+        probe = probe.to(means)
+    kernel = _newton.jacobian_kernel(
+        passes.fmodel, labels, means, precond.evecs, probe=probe
+    )
     return passes.map_rows(kernel, dtype=None, progress=bar)
+
+
+def linear_outputs(feats, eps):
+    """Whether the probe found the outputs linear in the parameters, to rounding.
+
+    The largest :func:`~sklearn_cif._newton.nonlinearity` is at most
+    ``sqrt(eps)``, ``eps`` that of the model's dtype (``False`` without a
+    probe).
+    """
+    if not feats or "nonlinearity" not in feats:
+        return False
+    gap = feats["nonlinearity"]
+    return bool(gap.size == 0 or np.max(gap) <= np.sqrt(eps))
 
 
 def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw):
@@ -575,9 +600,12 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
     within = np.square(S - cluster_centers[labels]).sum()
     mean_sq = row_sq_norms(means).cpu().numpy()
     resid_sq = infl["resid_sq"]
-    feats = feats or {}
+    feats = dict(feats or {})
     X, fingerprint = kw["data"]
     fmodel = kw["fmodel"]
+    eps = torch.finfo(fmodel.flatten(fmodel.theta).dtype).eps
+    linear = linear_outputs(feats, eps)
+    feats.pop("nonlinearity", None)
     return _check_finite(
         CiFCache(
             labels=labels,
@@ -602,6 +630,7 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
             correction=kw["cfg"].correction,
             solver=kw["solver"],
             curvature=kw["curvature"],
+            linear_outputs=linear,
             gradient_norm=kw["optimality"][0],
             optimality_gap=kw["optimality"][1],
             spectrum=None if precond is None else precond.evals.cpu().numpy(),

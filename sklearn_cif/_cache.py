@@ -74,6 +74,7 @@ class CiFCache:
     correction: str = _scalar(str)
     solver: str = _scalar(str)
     curvature: str = _scalar(str)
+    linear_outputs: bool = _scalar(bool)
     gradient_norm: float = _scalar(float)
     optimality_gap: float = _scalar(float)
     spectrum: np.ndarray = _array("r", optional=True)

@@ -236,6 +236,17 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
     curvature_ : str
         The resolved ``curvature``: ``"hessian"`` or ``"ggn"`` (or a
         registered plug-in's name).
+    linear_outputs_ : bool
+        Whether the model's outputs (where the loss's curvature is split:
+        logits, log-probabilities) move exactly linearly with its
+        parameters, as a linear or softmax-linear model of fixed features
+        does: checked on the dense solver along a seeded random direction,
+        every example's loss at the moved model against its linearized
+        outputs, to ``sqrt(eps)`` of the model's dtype. Then
+        ``target="retrain"`` is the exact refit, from the cache: each
+        subset's removal objective is minimized by Newton's method over the
+        cached per-example features (``FoldEffects.newton_iterations``).
+        ``False`` on the CG path.
     gradient_norm_ : float
         :math:`\|\nabla J\|`, the regularized gradient
         :math:`\frac1N\sum_i g_i + \lambda\theta` at the fitted parameters

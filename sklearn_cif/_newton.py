@@ -52,6 +52,7 @@ __all__ = [
     "NewtonEffects",
     "jacobian_kernel",
     "newton_effects",
+    "nonlinearity",
 ]
 
 # Output dimension above which the d x d blocks per example are not cached.
@@ -65,13 +66,15 @@ MAX_OUTPUTS = 64
 MAX_LEVERAGE = 0.99
 
 
-def jacobian_kernel(fmodel, labels, means, U, max_elements=2**24):
+def jacobian_kernel(fmodel, labels, means, U, probe=None, max_elements=2**24):
     """The per-batch kernel of the Newton-feature pass (see module doc).
 
     Returns ``kernel(idx, x, y) -> dict`` for
     :meth:`~sklearn_cif.passes.DataPasses.map_rows`, with per-example
     ``F`` (b, d, r), ``gram`` (b, d, d), ``hess`` (b, d, d), ``Jr`` (b, d)
-    and ``Ur`` (b, r). The caller checks ``d <= MAX_OUTPUTS`` first.
+    and ``Ur`` (b, r); with a ``probe`` direction ``(p,)`` also
+    ``nonlinearity`` (b,), :func:`nonlinearity` along it. The caller checks
+    ``d <= MAX_OUTPUTS`` first.
     """
     lab = torch.as_tensor(labels, device=fmodel.device)
 
@@ -79,7 +82,9 @@ def jacobian_kernel(fmodel, labels, means, U, max_elements=2**24):
         out = fmodel.forward(fmodel.theta, x).detach()
         d = out[0].numel()
         e, H, _ = output_derivatives(fmodel, out, t)
-        parts = {key: [] for key in ("F", "gram", "hess", "Jr", "Ur")}
+        keys = ("F", "gram", "hess", "Jr", "Ur")
+        keys += () if probe is None else ("nonlinearity",)
+        parts = {key: [] for key in keys}
         # Bound (examples x outputs x parameters) held at once.
         step = max(1, max_elements // (d * fmodel.n_params))
         for inner in iter_batches(x.shape[0], step):
@@ -93,9 +98,46 @@ def jacobian_kernel(fmodel, labels, means, U, max_elements=2**24):
             parts["hess"].append(H[inner])
             parts["Jr"].append(torch.einsum("bdp,bp->bd", J, resid))
             parts["Ur"].append(resid @ U.T)
+            if probe is not None:
+                parts["nonlinearity"].append(
+                    nonlinearity(fmodel, x[inner], t[inner], out[inner], J, probe)
+                )
         return {key: torch.cat(val) for key, val in parts.items()}
 
     return kernel
+
+
+def nonlinearity(fmodel, x, t, out, J, probe):
+    r"""How far the loss of a moved model departs from its linearized outputs.
+
+    Along ``probe`` scaled so that the outputs, where the loss's curvature
+    is split (:meth:`~sklearn_cif.losses.OutputLoss.linearized`: logits,
+    log-probabilities), move by 1 (root mean square over the batch), per
+    example
+    :math:`|\ell(f + J \delta) - \ell(f(\theta + \delta))| / (1 + |\ell|)`
+    with the first term :meth:`~sklearn_cif.losses.OutputLoss.predicted_value`:
+    zero to rounding when the outputs are linear in the parameters in that
+    space (a linear model, a softmax of one, fixed features), of order one
+    otherwise.
+    """
+    loss = fmodel.loss
+    Jv = torch.einsum("bdp,p->bd", J, probe).reshape(out.shape)
+    base = _flat(out).detach().cpu().numpy()
+    split = loss.linearized(base, _flat(Jv).detach().cpu().numpy())
+    split -= loss.linearized(base, np.zeros_like(base))
+    rms = float(np.sqrt(np.mean(np.square(split))))
+    if not rms > 0 or not np.isfinite(rms):
+        return torch.zeros(x.shape[0], dtype=out.dtype, device=out.device)
+    theta = fmodel.flatten(fmodel.theta) + probe / rms
+    with torch.no_grad():
+        moved = fmodel.forward(fmodel.unflatten(theta), x)
+        pred = loss.predicted_value(out, Jv / rms, t)
+        true = loss.value(moved, t)
+    return _flat(pred - true).abs().amax(1) / (1 + _flat(true).abs().amax(1))
+
+
+def _flat(v):
+    return v.reshape(v.shape[0], -1)
 
 
 def newton_effects(

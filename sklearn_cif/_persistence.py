@@ -25,7 +25,7 @@ from sklearn_cif.exceptions import CIFWarning
 
 __all__ = ["load_cache", "save_cache"]
 
-_FORMAT = "sklearn_cif-cache-5"
+_FORMAT = "sklearn_cif-cache-6"
 _META = "__meta__"
 
 
@@ -114,7 +114,7 @@ def _check_scalar(f, value):
         types = (*types, numbers.Real)
     if value is None and f.metadata.get("optional"):
         return value
-    if isinstance(value, bool) or not isinstance(value, types):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         raise ValueError(
             f"field {f.name!r} holds {value!r}, expected {types[0].__name__}"
         )

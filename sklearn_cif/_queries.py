@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 from sklearn.utils import Bunch
 
-from sklearn_cif import _newton
+from sklearn_cif import _exact_refit, _newton
 from sklearn_cif.gradients import iter_batches
 from sklearn_cif.losses import get_loss
 
@@ -72,6 +72,11 @@ class FoldEffects:
     safeguarded : ndarray of shape (Q,)
         Subsets whose Newton step was clipped (leverage above
         ``MAX_LEVERAGE``) or fell back to first order (a non-finite step).
+    newton_iterations : ndarray of shape (Q,)
+        Newton iterations beyond the first step on the exact removal
+        objective: a model whose outputs are linear in its parameters
+        (``linear_outputs_``) on the dense solver is refit exactly from the
+        cache (:mod:`sklearn_cif._exact_refit`); 0 otherwise.
     """
 
     target: str
@@ -86,6 +91,7 @@ class FoldEffects:
     leverage: np.ndarray = None
     amplification: np.ndarray = None
     safeguarded: np.ndarray = None
+    newton_iterations: np.ndarray = None
 
     def __post_init__(self):
         # first-order results carry no Newton diagnostics
@@ -94,6 +100,7 @@ class FoldEffects:
             "leverage": np.full(q, np.nan),
             "amplification": np.ones(q),
             "safeguarded": np.zeros(q, dtype=bool),
+            "newton_iterations": np.zeros(q, dtype=int),
         }
         for name, value in defaults.items():
             if getattr(self, name) is None:
@@ -184,15 +191,23 @@ def fold_effects(cache, ind, target):
     if target == "retrain":
         res = _newton_step(cache, ind, first, d_out)
         d_out = res.out_change
-        at_outputs = outputs_loss_change(cache, ind, d_out)
-        delta = res.delta
-        if at_outputs is not None:
-            delta = np.where(np.isfinite(at_outputs), at_outputs, res.delta)
         newton = dict(
             leverage=res.leverage,
             amplification=res.amplification,
             safeguarded=res.safeguarded,
         )
+        if _exact_refit.refit_applies(cache):
+            steps, _, n_iter = _exact_refit.exact_steps(cache, ind)
+            d_out = _member_outputs(cache, ind, steps)
+            newton.update(
+                amplification=_amplification(ind, d_out, res),
+                safeguarded=np.zeros(ind.shape[0], dtype=bool),
+                newton_iterations=n_iter,
+            )
+        at_outputs = outputs_loss_change(cache, ind, d_out)
+        delta = res.delta
+        if at_outputs is not None:
+            delta = np.where(np.isfinite(at_outputs), at_outputs, res.delta)
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(delta != 0, 1 - plain / delta, 0.0)
     return FoldEffects(
@@ -209,6 +224,25 @@ def fold_effects(cache, ind, target):
         ),
         **newton,
     )
+
+
+def _member_outputs(cache, ind, steps):
+    """``F_i a_q`` for every member ``i`` of subset ``q``, ``(nnz, d)``."""
+    rows = np.repeat(np.arange(ind.shape[0]), np.diff(ind.indptr))
+    F = cache.jacobian_spectral[ind.indices].astype(np.float64)
+    return np.einsum("ndr,nr->nd", F, steps[rows])
+
+
+def _amplification(ind, out, res):
+    """``||J_S d|| / ||J_S u||`` per subset, from the one step's ratio."""
+    rows = np.repeat(np.arange(ind.shape[0]), np.diff(ind.indptr))
+    norm = np.sqrt(np.bincount(rows, np.square(out).sum(1), minlength=ind.shape[0]))
+    one = np.sqrt(
+        np.bincount(rows, np.square(res.out_change).sum(1), minlength=ind.shape[0])
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(one > 0, norm / one, 1.0)
+    return res.amplification * ratio
 
 
 def outputs_loss_change(cache, ind, change):
@@ -255,12 +289,17 @@ def eval_newton_effects(cache, ind, first_eval, g_eval):
     :math:`J_i \tilde H^{-1} \bar g_V` read from the cached eigenbasis:
     exact with every eigenpair (dense solver); with CG only its top-``r``
     part (the complement part needs ``J_i g_V``, which the cache does not
-    hold).
+    hold). A model with ``linear_outputs_`` on the dense solver moves by its
+    exact refit (:func:`sklearn_cif._exact_refit.exact_steps`) instead:
+    :math:`\bar g_V^\top u + (U \bar g_V)^\top (a^* - U u)`.
     """
+    U = cache.spectral_basis.astype(np.float64)
+    if _exact_refit.refit_applies(cache):
+        steps, first, _ = _exact_refit.exact_steps(cache, ind)
+        return first_eval + (steps - first) @ (U @ g_eval)
     M = np.asarray(membership(cache, ind).todense())
     first_self, _ = self_effect(cache, ind, M)
     res = _newton_step(cache, ind, first_self, _member_output_changes(cache, ind, M))
-    U = cache.spectral_basis.astype(np.float64)
     coef = (U @ g_eval) / cache.spectrum.astype(np.float64)  # D U g_V
     members = ind.indices
     JHg = np.einsum(

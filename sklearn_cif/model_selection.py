@@ -187,7 +187,9 @@ class InfluenceCV(BaseEstimator):
         how far each fold's Newton step goes (``leverage``, NaN when not
         computed; ``amplification``, its output change over first order's;
         ``safeguarded``, True where the step was clipped at leverage 0.99 or
-        fell back to first order), ``score_time``, ``fit_time`` (the cache
+        fell back to first order; ``newton_iterations``, the iterations of
+        the exact refit beyond that step, for a model with
+        ``linear_outputs_``), ``score_time``, ``fit_time`` (the cache
         build time shared evenly among the folds, 0 when the cache was
         reused) and
         ``test_score`` (one scorer) or ``test_<name>`` (several).
@@ -343,6 +345,7 @@ class InfluenceCV(BaseEstimator):
             leverage=eff.leverage,
             amplification=eff.amplification,
             safeguarded=eff.safeguarded,
+            newton_iterations=eff.newton_iterations,
         )
         self.estimator_ = est
         self.target_ = eff.target
