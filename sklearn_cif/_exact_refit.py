@@ -62,6 +62,7 @@ def refit_applies(cache):
     """Whether the cache supports :func:`exact_steps` (see module doc)."""
     return (
         bool(cache.linear_outputs)
+        and cache.curvature in ("ggn", "hessian")  # R is then the damping
         and cache.jacobian_spectral is not None
         and cache.complement == 0
         and cache.curvature_indices is None
