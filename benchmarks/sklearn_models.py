@@ -35,10 +35,11 @@ iterations, ``n_iter_``; none for Ridge's closed form).
 
 Per setup and scheme: Spearman and median ratio of the predicted per-fold
 held-out log loss (or squared error) against the refits' — the predicted
-loss twice: ``test_loss`` (the second-order model of the change) and the
-``neg_log_loss`` scorer on the predicted out-of-fold outputs ``f + J d``
-(``scorer_*``; for a linear model exactly the held-out loss at the Newton
-step's parameters) — the mean predicted
+loss twice: ``test_loss`` and the ``neg_log_loss`` scorer on the predicted
+out-of-fold outputs ``f + J d`` (``scorer_*``), which agree (one estimate
+per row); for the linear models (``linear_outputs_``) ``d`` is the exact
+refit, Newton's method on each fold's removal objective from the cache —
+the mean predicted
 and real accuracy, and the time of the one ``InfluenceCV`` call against the
 real CV's. Writes benchmarks/results/sklearn_models.json and prints a
 Markdown table.
