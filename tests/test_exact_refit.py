@@ -127,8 +127,8 @@ def test_softmax_probabilities_refit_like_the_logits_model(raw_digits):
     # skorch's default classifier: a softmax output with NLLLoss on its log.
     # Its log-probabilities are the logits up to a shift the loss ignores,
     # so the probe finds it linear and its answers are the logits model's.
-    # (Unit-range features: on raw ones some probabilities fall below the
-    # eps that skorch's loss adds, where the loss is not linear in the logits.)
+    # (Unit-range features keep every probability far above the eps that
+    # skorch's loss adds; below it the loss is not linear in the logits.)
     X, y = raw_digits
     X = X / 16.0
     full = _sk_fit(X, y, len(y), False)
