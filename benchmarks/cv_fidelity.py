@@ -77,7 +77,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _refit import l2, lbfgs_minimize  # noqa: E402
+from _refit import l2, lbfgs_minimize, newton_cg_polish  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 from sklearn.datasets import load_breast_cancer, load_digits  # noqa: E402
 from sklearn.model_selection import KFold, ShuffleSplit  # noqa: E402
@@ -196,73 +196,25 @@ def grad_inf_norm(net, X, y, n_total, lam):
 
 
 def newton_polish(net, X, y, n_total, lam, *, steps, cg_iter, cg_rtol=1e-3):
-    """Damped Newton steps, (H + mu I) d = -g by CG on Hessian-vector products.
-
-    Near the optimum the objective changes by less than float64 resolves, so
-    a line search on its values stalls around an inf-norm gradient of 1e-8;
-    this uses gradients only: a step is taken when it shrinks ||g||, else mu
-    (0 first) grows (Levenberg-Marquardt), as it does on negative curvature.
-    """
+    """:func:`_refit.newton_cg_polish` on the CE objective; ``(steps, converging)``."""
     names = [k for k, _ in net.named_parameters()]
     shapes = [q.shape for _, q in net.named_parameters()]
     sizes = [q.numel() for _, q in net.named_parameters()]
 
-    def unflatten(flat):
-        views = (t.view(s) for t, s in zip(flat.split(sizes), shapes, strict=True))
-        return dict(zip(names, views, strict=True))
-
     def obj(flat):
-        out = torch.func.functional_call(net, unflatten(flat), (X,))
+        views = (t.view(s) for t, s in zip(flat.split(sizes), shapes, strict=True))
+        params = dict(zip(names, views, strict=True))
+        out = torch.func.functional_call(net, params, (X,))
         return F.cross_entropy(out, y, reduction="sum") / n_total + 0.5 * lam * (
             flat @ flat
         )
 
-    def grad_fn(flat):
-        flat = flat.detach().requires_grad_(True)
-        return torch.autograd.grad(obj(flat), flat)[0]
-
-    def cg(hvp, g, mu):
-        d, r = torch.zeros_like(g), -g
-        q, rr, stop = r.clone(), r @ r, (cg_rtol**2) * (g @ g)
-        for _ in range(cg_iter):
-            hq = hvp(q) + mu * q
-            curv = q @ hq
-            if curv <= 0:
-                return None  # negative curvature: more damping
-            a = rr / curv
-            d, r = d + a * q, r - a * hq
-            rr_new = r @ r
-            if rr_new <= stop:
-                break
-            q, rr = r + (rr_new / rr) * q, rr_new
-        return d
-
     theta = torch.cat([q.detach().reshape(-1) for q in net.parameters()])
-    g = grad_fn(theta)
-    used, mu, slow = 0, 0.0, False
-    while g.abs().max().item() >= TOL and used < steps:
-        used += 1
-        leaf = theta.clone().requires_grad_(True)
-        g_graph = torch.autograd.grad(obj(leaf), leaf, create_graph=True)[0]
-
-        def hvp(v, g_graph=g_graph, leaf=leaf):  # reverse over reverse, graph kept
-            return torch.autograd.grad(g_graph, leaf, v, retain_graph=True)[0]
-
-        for _ in range(6):
-            d = cg(hvp, g, mu)
-            g_new = None if d is None else grad_fn(theta + d)
-            if g_new is not None and g_new.norm() < g.norm():
-                slow = g_new.norm() > 0.5 * g.norm()  # not in Newton's basin
-                theta, g, mu = theta + d, g_new, mu / 10
-                break
-            mu = max(10 * mu, 1e-5)
-        else:
-            slow = True
-        del g_graph
-        if slow:
-            break
+    theta, used, converging = newton_cg_polish(
+        obj, theta, steps=steps, cg_iter=cg_iter, cg_rtol=cg_rtol, tol=TOL
+    )
     load_flat(net, theta.numpy())
-    return used, g.abs().max().item() < TOL or not slow
+    return used, converging
 
 
 def minimize(

@@ -87,7 +87,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _refit import l2, lbfgs_minimize  # noqa: E402
+from _refit import l2, lbfgs_minimize, newton_cg_polish  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
@@ -216,13 +216,7 @@ def grad_inf_norm(net, *problem):
 
 
 def newton_polish(net, problem, steps):
-    """Damped Newton-CG steps on Hessian-vector products, gradients only.
-
-    As cv_fidelity.py's: near the optimum the objective changes by less than
-    float64 resolves and a line search stalls, so a step (H + mu I) d = -g
-    is taken when it shrinks ||g||, else mu (0 first) grows; the steps stop
-    once one shrinks ||g|| by less than half (outside Newton's basin).
-    """
+    """:func:`_refit.newton_cg_polish` on any of the setups' objectives."""
     names = [k for k, _ in net.named_parameters()]
     shapes = [q.shape for q in net.parameters()]
     sizes = [q.numel() for q in net.parameters()]
@@ -231,50 +225,8 @@ def newton_polish(net, problem, steps):
         views = (t.view(s) for t, s in zip(flat.split(sizes), shapes, strict=True))
         return objective(net, *problem, params=dict(zip(names, views, strict=True)))
 
-    def grad_fn(flat):
-        flat = flat.detach().requires_grad_(True)
-        return torch.autograd.grad(obj(flat), flat)[0]
-
-    def cg(hvp, g, mu):
-        d, r = torch.zeros_like(g), -g
-        q, rr = r.clone(), r @ r
-        stop = NEWTON_CG["cg_rtol"] ** 2 * (g @ g)
-        for _ in range(NEWTON_CG["cg_iter"]):
-            hq = hvp(q) + mu * q
-            curv = q @ hq
-            if curv <= 0:
-                return None  # negative curvature: more damping
-            a = rr / curv
-            d, r = d + a * q, r - a * hq
-            rr_new = r @ r
-            if rr_new <= stop:
-                break
-            q, rr = r + (rr_new / rr) * q, rr_new
-        return d
-
     theta = torch.cat([q.detach().reshape(-1) for q in net.parameters()])
-    g, mu = grad_fn(theta), 0.0
-    for _ in range(steps):
-        if g.abs().max().item() < TOL:
-            break
-        leaf = theta.clone().requires_grad_(True)
-        g_graph = torch.autograd.grad(obj(leaf), leaf, create_graph=True)[0]
-
-        def hvp(v, g_graph=g_graph, leaf=leaf):
-            return torch.autograd.grad(g_graph, leaf, v, retain_graph=True)[0]
-
-        for _ in range(6):
-            d = cg(hvp, g, mu)
-            g_new = None if d is None else grad_fn(theta + d)
-            if g_new is not None and g_new.norm() < g.norm():
-                slow = g_new.norm() > 0.5 * g.norm()  # not in Newton's basin
-                theta, g, mu = theta + d, g_new, mu / 10
-                break
-            mu = max(10 * mu, 1e-5)
-        else:
-            slow = True
-        if slow:
-            break
+    theta, _, _ = newton_cg_polish(obj, theta, steps=steps, tol=TOL, **NEWTON_CG)
     with torch.no_grad():
         for p, t in zip(net.parameters(), theta.split(sizes), strict=True):
             p.copy_(t.view(p.shape))
