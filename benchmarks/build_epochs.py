@@ -52,6 +52,7 @@ def configs():
         "fast": dict(FAST_PRESET),
         "rank128": {"correction_rank": 128},
         "tol1e-5": {"cg_tol": 1e-5},
+        "tol1e-2": {"cg_tol": 1e-2},
     }
 
 
@@ -173,7 +174,7 @@ def main():
         "--configs",
         nargs="+",
         default=["default", "fast"],
-        choices=["default", "fast", "rank128", "tol1e-5"],
+        choices=["default", "fast", "rank128", "tol1e-5", "tol1e-2"],
     )
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)

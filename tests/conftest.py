@@ -26,6 +26,16 @@ def tiny_classification():
 
 
 @pytest.fixture
+def five_classes():
+    """A float64 4-5-5 MLP on 30 examples: five outputs, so the Newton
+    features take the forward-mode path (``d >= 4``)."""
+    rng = np.random.default_rng(2)
+    X = torch.as_tensor(rng.normal(size=(30, 4)))
+    y = torch.as_tensor(rng.integers(0, 5, size=30))
+    return make_mlp(4, 5, 5, seed=2), X, y
+
+
+@pytest.fixture
 def tiny_regression():
     rng = np.random.default_rng(1)
     X = torch.as_tensor(rng.normal(size=(25, 3)))

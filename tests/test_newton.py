@@ -57,15 +57,19 @@ def _dense_newton(net, loss_fn, X, y, folds, H=None, lam=LAM):
 
 
 @pytest.mark.parametrize("solver", ["dense", "cg"])
-@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("task", ["classification", "regression", "five_classes"])
 def test_woodbury_path_reproduces_the_dense_newton_step(
-    task, solver, tiny_classification, tiny_regression
+    task, solver, tiny_classification, tiny_regression, five_classes
 ):
     # With one cluster per example and every eigenpair kept (the dense
     # solver, or CG at full rank), the cached Woodbury path is the dense
     # Newton step and the loss at its predicted outputs (float64).
-    net, X, y = tiny_classification if task == "classification" else tiny_regression
-    loss, loss_fn = ("cross_entropy", CE) if task == "classification" else ("mse", MSE)
+    net, X, y = {
+        "classification": tiny_classification,
+        "regression": tiny_regression,
+        "five_classes": five_classes,
+    }[task]
+    loss, loss_fn = ("mse", MSE) if task == "regression" else ("cross_entropy", CE)
     p = sum(q.numel() for q in net.parameters())
     est = ClusteredInfluenceEstimator(
         len(y),
