@@ -20,6 +20,7 @@ from sklearn.cluster import MiniBatchKMeans
 
 from sklearn_cif import _newton
 from sklearn_cif._cache import CiFCache
+from sklearn_cif._complement import fit_background, own_share
 from sklearn_cif._checks import data_fingerprint, n_features, n_outputs
 from sklearn_cif.curvature import curvature_indices, make_curvature
 from sklearn_cif.distributed import agree_on_inputs, agree_on_seeds, make_passes
@@ -46,9 +47,9 @@ MAX_OPTIMALITY_GAP = 1.0
 # pass DENSE_MAX_FEATURES.
 AUTO_RANKS = (128, 256, 512)
 AUTO_RANK_TAIL = 1.0
-# Relative error bound at which the calibration solve stops (see calibrate):
-# the scale comes from n_calibration = 32 examples, whose sampling error is
-# larger.
+# Bound on the geometric-mean error of the calibration's exact values at which
+# its solve stops (see calibrate): beta comes from n_calibration = 32
+# examples, whose sampling error is larger.
 CALIBRATION_TOL = 1e-2
 # solver="auto" factors the curvature when p is at most this (a p x p float64
 # matrix: 134 MB and ~9 s of eigh on 2 cores at p = 4096) ...
@@ -185,15 +186,6 @@ def build_cache(fmodel, X, y, config, seeds, settings):
                 ) from exc
     with phase("influence", n) as bar:
         infl = influence_pass(passes, sol.x, means, labels, precond, bar)
-    scale = 0.0
-    if full and solver == "dense":
-        scale = 1.0  # every eigenpair kept: r_i^T P r_i is exact
-    elif full:
-        with phase("calibration") as bar:
-            scale = calibrate(
-                passes, op, precond, labels, means, infl["d_raw"], cfg,
-                seeds.calibration, bar,
-            )  # fmt: skip
     with phase("outputs", n) as bar:
         outs = output_pass(passes, sol.x, bar)
     feats = None
@@ -203,8 +195,19 @@ def build_cache(fmodel, X, y, config, seeds, settings):
                 passes, labels, means, precond, outs["out"], bar,
                 probe_seed=seeds.spectrum if solver == "dense" else None,
             )  # fmt: skip
+    beta, self_infl = None, np.zeros(n)
+    if full and solver == "dense":
+        self_infl = infl["kept"]  # every eigenpair kept: nothing outside U
+    elif full:
+        terms = own_share(infl["rho"], _model_features(feats))
+        with phase("calibration") as bar:
+            beta = calibrate(
+                passes, op, precond, labels, means, infl["kept"], terms, cfg,
+                seeds.calibration, bar,
+            )  # fmt: skip
+        self_infl = infl["kept"] + terms.form(beta, n)
     return assemble(
-        first, labels, means, sol, infl, scale, outs, feats, precond,
+        first, labels, means, sol, infl, (beta, self_infl), outs, feats, precond,
         curv_idx=curv_idx, op=op, passes=passes, cfg=cfg, timer=timer, solver=solver,
         curvature=curvature,
         optimality=opt, floor=floor,
@@ -454,12 +457,14 @@ def cluster_means(passes, labels, n_clusters, bar=None):
 
 
 def influence_pass(passes, V, means, labels, precond=None, bar=None):
-    """Pass 3: ``A[i, c] = g_i^T v_c``, ``||r_i||^2`` and ``r_i^T P r_i``.
+    """Pass 3: ``A[i, c] = g_i^T v_c``, ``||r_i||^2`` and ``r_i`` split by ``U``.
 
-    ``r_i = g_i - mu_{c(i)}`` is the residual plain CiF drops; ``P`` the
-    spectral approximation of the inverse curvature (zeros without one).
-    ``||r_i||^2`` is taken from ``r_i`` itself, not as ``||g_i||^2 - 2 g_i^T
-    mu + ||mu||^2`` (which cancels when a cluster is tight).
+    ``r_i = g_i - mu_{c(i)}`` is the residual plain CiF drops. With a
+    spectral preconditioner, also ``kept`` (the exact kept part of
+    ``r_i^T H^{-1} r_i``) and ``rho`` (``||r_i||^2`` outside the kept
+    eigenvectors), zeros without one. ``||r_i||^2`` is taken from ``r_i``
+    itself, not as ``||g_i||^2 - 2 g_i^T mu + ||mu||^2`` (which cancels when
+    a cluster is tight).
     """
     lab = torch.as_tensor(labels, device=passes.fmodel.device)
 
@@ -467,32 +472,47 @@ def influence_pass(passes, V, means, labels, precond=None, bar=None):
         R = G - means[lab[idx]]
         part = {"A": G @ V.T, "resid_sq": row_sq_norms(R)}
         if precond is not None:
-            part["d_raw"] = precond.quadratic_form(R)
+            part["kept"], part["rho"] = precond.split_form(R)
         return part
 
     out = passes.map_rows(kernel, gradients=True, progress=bar)
     if precond is None:
-        out["d_raw"] = np.zeros(passes.n_samples)
+        out["kept"] = out["rho"] = np.zeros(passes.n_samples)
     return out
 
 
-def calibrate(passes, op, precond, labels, means, d_raw, cfg, seed, bar=None):
-    """Scale ``s`` with ``r_i^T H^{-1} r_i ~ s * r_i^T P r_i``, from exact solves.
+def _model_features(feats):
+    """The Newton features the complement model reads (``None`` if not cached)."""
+    if not feats:
+        return None
+    return {k: feats[k] for k in ("F", "gram", "hess", "Jr", "Ur")}
+
+
+def calibrate(passes, op, precond, labels, means, kept, terms, cfg, seed, bar=None):
+    """The complement's background curvature ``beta``, from exact solves.
 
     ``n_calibration`` random examples with a non-zero residual are solved
-    together (preconditioned block CG); ``s`` is the ratio of the sums. The
-    solve runs to a relative residual of 1e-3 (or ``cg_tol`` if looser) and
-    stops earlier once the sum is known to :data:`CALIBRATION_TOL`: for any
-    ``x`` with residual ``q = r - H x``, ``(r + q)^T x = 2 r^T x - x^T H x``
-    falls short of ``r^T H^{-1} r`` by exactly ``q^T H^{-1} q <= ||q||^2 /
-    lambda_min``, and the damping floor bounds ``lambda_min`` from below
-    (the GGN is positive semi-definite). Without a damping floor only the
-    residual rule applies.
+    together (preconditioned block CG) for ``r_i^T H^{-1} r_i``;
+    :func:`~sklearn_cif._complement.fit_background` finds the ``beta``
+    between the damping floor and the first eigenvalue left out at which
+    the model matches them. The solve runs to a relative residual of 1e-3
+    (or ``cg_tol`` if looser) and stops earlier once the geometric mean of
+    the examples' values, what the fit matches, is known to
+    :data:`CALIBRATION_TOL`: for any ``x`` with residual ``q = r - H x``,
+    ``(r + q)^T x = 2 r^T x - x^T H x`` falls short of ``r^T H^{-1} r`` by
+    exactly ``q^T H^{-1} q <= ||q||^2 / lambda_min``, and the damping floor
+    bounds ``lambda_min`` from below (the GGN is positive semi-definite), so
+    each value lies in ``[lower, lower + ||q||^2 / floor]``. Without a
+    damping floor only the residual rule applies.
     """
+    n = len(labels)
+    floor, tail = float(np.min(cfg.damping)), float(precond.tail)
+    high = tail
+    low = min(floor, high) if floor > 0 else high * 1e-12
     rng = np.random.RandomState(seed)
-    candidates = np.flatnonzero(d_raw > 0)
-    if candidates.size == 0:
-        return 0.0
+    candidates = np.flatnonzero((kept > 0) | (terms.rho > 0))
+    if candidates.size == 0 or high <= low:
+        return high
     size = min(cfg.n_calibration, candidates.size)
     idx = np.sort(rng.choice(candidates, size, replace=False))
     lab = torch.as_tensor(labels[idx], device=means.device)
@@ -502,25 +522,26 @@ def calibrate(passes, op, precond, labels, means, d_raw, cfg, seed, bar=None):
 
     R = passes.subset(idx).map_rows(kernel, gradients=True, dtype=None)["R"]
     R = torch.as_tensor(R, device=means.device)
-    floor = float(np.min(cfg.damping))
     tol, stop = max(float(cfg.cg_tol), 1e-3), None
     if floor > 0:
 
         def stop(X, res):
-            lower = _dot64(R + res, X)  # a lower bound for any X
-            gap = float(torch.linalg.vector_norm(res, dtype=torch.float64)) ** 2
-            return gap / floor <= CALIBRATION_TOL * lower
+            lower = _rows64(R + res, X)  # a lower bound for any X
+            if not np.all(lower > 0):
+                return False
+            gap = _rows64(res, res) / floor
+            return float(np.mean(np.log1p(gap / lower))) <= CALIBRATION_TOL
 
     sol = block_cg(
         op.matmat, R, tol, cfg.cg_maxiter, precond=precond, progress=bar, stop=stop
     )
-    exact = _dot64(R, sol.x)
-    return exact / float(d_raw[idx].sum())
+    exact = _rows64(R, sol.x)
+    return fit_background(kept[idx], exact, terms.take(idx), n, low, high)
 
 
-def _dot64(A, B):
-    """``sum_ij A_ij B_ij`` in float64 (a few calibration rows)."""
-    return float((A.double() * B.double()).sum())
+def _rows64(A, B):
+    """``sum_j A_ij B_ij`` per row, in float64 (a few calibration rows)."""
+    return (A.double() * B.double()).sum(1).cpu().numpy()
 
 
 def centers(S, labels, n_clusters):
@@ -592,7 +613,7 @@ def linear_outputs(feats, eps):
     return bool(gap.size == 0 or np.max(gap) <= np.sqrt(eps))
 
 
-def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw):
+def assemble(first, labels, means, sol, infl, self_, outs, feats, precond, **kw):
     """The :class:`CiFCache` from the steps' results (derived arrays computed here)."""
     S, n, n_clusters = first["S"], len(labels), int(labels.max()) + 1
     cluster_centers = centers(S, labels, n_clusters)
@@ -623,10 +644,8 @@ def assemble(first, labels, means, sol, infl, scale, outs, feats, precond, **kw)
             output_responses=outs["jv"],
             residual_sq_norms=resid_sq,
             within_scatter=float(resid_sq.mean()),
-            self_influence=scale * infl["d_raw"]
-            if precond is not None
-            else np.zeros(n),
-            correction_scale=float(scale),
+            self_influence=np.asarray(self_[1], dtype=np.float64),
+            complement_curvature=self_[0],
             correction=kw["cfg"].correction,
             solver=kw["solver"],
             curvature=kw["curvature"],
@@ -680,7 +699,7 @@ def _check_finite(cache):
     ]
     bad += [
         name
-        for name in ("explained_scatter", "within_scatter", "correction_scale")
+        for name in ("explained_scatter", "within_scatter")
         if not np.isfinite(getattr(cache, name))
     ]
     if bad:

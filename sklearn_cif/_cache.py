@@ -70,7 +70,7 @@ class CiFCache:
     residual_sq_norms: np.ndarray = _array("N")
     within_scatter: float = _scalar(float)
     self_influence: np.ndarray = _array("N")
-    correction_scale: float = _scalar(float)
+    complement_curvature: float = _scalar(float, optional=True)
     correction: str = _scalar(str)
     solver: str = _scalar(str)
     curvature: str = _scalar(str)

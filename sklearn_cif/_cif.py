@@ -144,7 +144,8 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         scratch, so a flat spectrum costs the first and the last). The kept
         rank is ``len(spectrum_)``.
     n_calibration : int, default=32
-        Examples solved exactly to calibrate the self-influence scale.
+        Examples solved exactly to calibrate the self-influences' model of
+        the curvature outside the kept eigenvectors (``complement_curvature_``).
     curvature_samples : int or None, default=None
         Average the curvature ``G`` over this many seeded random training
         examples instead of all ``N`` (cheaper CG iterations and spectrum;
@@ -224,9 +225,13 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
     residual_sq_norms_ : ndarray of shape (N,)
         :math:`\|g_i - \mu_{c(i)}\|^2`.
     self_influence_ : ndarray of shape (N,)
-        Calibrated :math:`r_i^\top H^{-1} r_i` (zeros unless ``"full"``).
-    correction_scale_ : float
-        Calibration scale of ``self_influence_``.
+        :math:`r_i^\top H^{-1} r_i` (zeros unless ``"full"``): exact along
+        the kept eigenvectors, modelled outside them (user guide: the
+        residual correction).
+    complement_curvature_ : float or None
+        The background curvature ``beta`` of that model, calibrated on
+        ``n_calibration`` exact solves (``None`` when every eigenpair is
+        kept or without the ``"full"`` correction).
     mean_response_products_ : ndarray of shape (C, C)
         :math:`v_c^\top \mu_{c'}`.
     correction_ : str

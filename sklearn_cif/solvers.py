@@ -387,12 +387,17 @@ class SpectralPreconditioner:
         coef = R @ self.evecs.T  # (r, k)
         return R / self.tail + (coef * (1 / self.evals - 1 / self.tail)) @ self.evecs
 
-    def quadratic_form(self, R):
-        """``r^T P r`` for every row of ``R`` without forming ``P r``."""
-        coef = R @ self.evecs.T
-        return (R * R).sum(1) / self.tail + (
-            coef**2 * (1 / self.evals - 1 / self.tail)
-        ).sum(1)
+    def split_form(self, R):
+        """Per row ``r`` of ``R``: ``sum_k (u_k^T r)^2 / theta_k`` and
+        ``||r||^2`` outside ``U`` (clipped at zero), as float64 arrays.
+
+        ``r^T P r`` is the first plus the second over ``theta_perp``.
+        """
+        coef = (R @ self.evecs.T).double()
+        kept = (coef**2 / self.evals.double()).sum(1)
+        total = torch.linalg.vector_norm(R, dim=1, dtype=torch.float64) ** 2
+        rest = (total - (coef * coef).sum(1)).clamp_min(0.0)
+        return kept.cpu().numpy(), rest.cpu().numpy()
 
 
 def randomized_eigh(

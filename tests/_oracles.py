@@ -45,22 +45,32 @@ def loop_grads(module, loss_fn, X, y):
     return torch.stack(rows)
 
 
-def dense_ggn(module, loss_fn, X, y, damping):
-    """Explicit ``(1/N) sum_i J_i^T H_i J_i + lambda I`` with autograd Jacobians."""
+def output_terms(module, loss_fn, X, y):
+    """Per-example output Jacobians ``(N, d, p)`` and loss Hessians ``(N, d, d)``."""
     f = make_f(module)
     theta = flat_params(module)
-    p = theta.numel()
-    G = torch.zeros(p, p, dtype=theta.dtype)
+    Js, Hs = [], []
     for i in range(len(X)):
         xi, yi = X[i : i + 1], y[i : i + 1]
         z = f(theta, xi).detach()
-        J = torch.autograd.functional.jacobian(lambda t: f(t, xi).reshape(-1), theta)  # noqa: B023
-        H = torch.autograd.functional.hessian(
-            lambda zz: loss_fn(zz.reshape(z.shape), yi).sum(),  # noqa: B023
-            z.reshape(-1),
+        Js.append(
+            torch.autograd.functional.jacobian(lambda t: f(t, xi).reshape(-1), theta)  # noqa: B023
         )
-        G += J.T @ H @ J
-    return G / len(X) + damping * torch.eye(p, dtype=theta.dtype)
+        Hs.append(
+            torch.autograd.functional.hessian(
+                lambda zz: loss_fn(zz.reshape(z.shape), yi).sum(),  # noqa: B023
+                z.reshape(-1),
+            )
+        )
+    return torch.stack(Js), torch.stack(Hs)
+
+
+def dense_ggn(module, loss_fn, X, y, damping):
+    """Explicit ``(1/N) sum_i J_i^T H_i J_i + lambda I`` with autograd Jacobians."""
+    J, H = output_terms(module, loss_fn, X, y)
+    p = J.shape[2]
+    G = torch.einsum("ndp,nde,neq->pq", J, H, J)
+    return G / len(X) + damping * torch.eye(p, dtype=J.dtype)
 
 
 def dense_hessian(module, loss_fn, X, y, damping):

@@ -212,7 +212,7 @@ def test_dense_solver_is_exact_whatever_the_clustering(n_clusters, tiny_classifi
     eff = est.fold_effects(FOLDS)
     np.testing.assert_allclose(eff.delta_loss, ref, rtol=1e-8)
     np.testing.assert_allclose(eff.oof_outputs, ref_out, rtol=1e-8, atol=1e-10)
-    assert est.correction_scale_ == 1.0 and est.complement_ == 0.0
+    assert est.complement_curvature_ is None and est.complement_ == 0.0
     assert (eff.leverage < 1).all() and not eff.safeguarded.any()
 
 

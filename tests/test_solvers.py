@@ -236,4 +236,13 @@ def test_spectral_preconditioner_cuts_cg_iterations():
     full_vals, full_vecs = torch.linalg.eigh(A)
     exact = SpectralPreconditioner(full_vals, full_vecs.T, full_vals.min())
     torch.testing.assert_close(exact(B), torch.linalg.solve(A, B.T).T)
-    torch.testing.assert_close(exact.quadratic_form(B), (B * exact(B)).sum(1))
+    kept, rest = exact.split_form(B)  # every eigenvector kept: nothing outside
+    np.testing.assert_allclose(kept, (B * exact(B)).sum(1).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(rest, 0.0, atol=1e-10 * (B * B).sum(1).max().item())
+    kept, rest = P.split_form(B)  # 20 kept: r^T P r = kept + rest / theta_21
+    np.testing.assert_allclose(
+        kept + rest / P.tail, (B * P(B)).sum(1).numpy(), rtol=1e-10
+    )
+    U = evecs[:20]
+    outside = B - (B @ U.T) @ U
+    np.testing.assert_allclose(rest, (outside * outside).sum(1).numpy(), rtol=1e-8)
