@@ -20,8 +20,8 @@ from sklearn.cluster import MiniBatchKMeans
 
 from sklearn_cif import _newton
 from sklearn_cif._cache import CiFCache
-from sklearn_cif._complement import fit_background, own_share
 from sklearn_cif._checks import data_fingerprint, n_features, n_outputs
+from sklearn_cif._complement import fit_background, own_share
 from sklearn_cif.curvature import curvature_indices, make_curvature
 from sklearn_cif.distributed import agree_on_inputs, agree_on_seeds, make_passes
 from sklearn_cif.exceptions import CIFWarning

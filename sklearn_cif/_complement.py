@@ -57,7 +57,8 @@ class OwnShare:
             return self.rho / beta
         d = self.Sa.shape[1]
         M = beta * n_samples * np.eye(d) + self.SBS
-        saved = np.einsum("nd,nd->n", self.Sa, np.linalg.solve(M, self.Sa[..., None])[..., 0])
+        x = np.linalg.solve(M, self.Sa[..., None])[..., 0]
+        saved = np.einsum("nd,nd->n", self.Sa, x)
         # the own share only lowers the form, never below zero
         return np.clip(self.rho - saved, 0.0, None) / beta
 

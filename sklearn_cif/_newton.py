@@ -31,11 +31,13 @@ model linear in :math:`\theta`.
 the top-``r`` eigenbasis ``U`` of :math:`\tilde H` (``F_i = J_i U^\top``),
 its Gram block ``J_i J_i^\top``, the output Hessian and gradient, and the
 residual ``r_i = g_i - \mu_{c(i)}`` seen through ``U`` and ``J_i``. The
-inverse curvature is :math:`U^\top D U + c (I - U^\top U)`
-(``D`` the inverse top eigenvalues, ``c = 1/theta_{r+1}`` the inverse of the
-first eigenvalue left out), with the
-complement kept within each example (cross-example complement terms are
-dropped). ``K`` is then low rank plus block diagonal, so a fold costs
+inverse curvature is :math:`U^\top D U` (``D`` the inverse top
+eigenvalues) plus, outside ``U`` and within each example only
+(cross-example complement terms are dropped), the inverse of the
+background curvature ``beta`` plus the example's own share
+(:mod:`sklearn_cif._complement`, as for the self-influences; without a
+calibrated ``beta``, the uniform ``c = 1/theta_{r+1}``, the inverse of the
+first eigenvalue left out). ``K`` is then low rank plus block diagonal, so a fold costs
 ``O(m (d^3 + d r^2) + r^3)``: no CG solve and no model pass per fold.
 """
 
@@ -182,7 +184,15 @@ def _flat(v):
 
 
 def newton_effects(
-    ind, first, w_means, n_samples, inv_evals, complement, feats, indefinite=False
+    ind,
+    first,
+    w_means,
+    n_samples,
+    inv_evals,
+    complement,
+    feats,
+    indefinite=False,
+    background=None,
 ):
     """Newton-step self loss change and fold output changes for CSR subsets.
 
@@ -223,6 +233,11 @@ def newton_effects(
     indefinite : bool, default=False
         The curvature may lie below the fold's Gauss-Newton share (the
         Hessian): reflect leverage above 1 instead of clipping it.
+    background : float or None, default=None
+        ``beta`` of the complement model (:mod:`sklearn_cif._complement`):
+        within each example the complement's inverse is that of
+        :math:`\beta I` plus the example's own curvature share, as for the
+        self-influences, instead of the uniform ``complement``.
 
     Returns
     -------
@@ -253,9 +268,10 @@ def newton_effects(
         # all pairs and the complement within each example.
         Ur = f64["Ur"]
         own = f64["Jr"] - np.einsum("mdr,mr->md", F, Ur)
-        w = w_means[lo:hi] + (F @ (D * Ur.sum(0)) + c * own) / N
-        # K = F D F^T (all pairs) + c (J_i J_i^T - F_i F_i^T) (within examples).
-        Bd = c * (f64["gram"] - F @ F.transpose(0, 2, 1))
+        B = f64["gram"] - F @ F.transpose(0, 2, 1)
+        # K = F D F^T (all pairs) + the complement within each example.
+        Bd, own = _within_complement(B, own, Hs, c, background, N)
+        w = w_means[lo:hi] + (F @ (D * Ur.sum(0)) + own) / N
         if m * w.shape[1] <= D.size:
             out, z, lev = _output_space_step(F, Hs, Bd, D, w, N, indefinite)
             res.leverage[q] = lev
@@ -272,6 +288,27 @@ def newton_effects(
         norm_w = np.linalg.norm(w)
         res.amplification[q] = np.linalg.norm(out) / norm_w if norm_w > 0 else 1.0
     return res
+
+
+def _within_complement(B, a, Hs, c, beta, N):
+    r"""Each example's complement block of ``K`` and of ``w``.
+
+    ``B = A_i A_i^\top`` and ``a = A_i r_i`` (``A_i`` the output Jacobian
+    outside ``U``). Uniform: ``c B`` and ``c a``. With the background
+    ``beta``: :math:`A_i (\beta I + A_i^\top H_i A_i / N)^{-1}` applied to
+    :math:`A_i^\top` and to :math:`r_i`, by Woodbury in ``d x d``.
+    """
+    if beta is None:
+        return c * B, c * a
+    ev, Q = np.linalg.eigh(Hs)
+    S = (Q * np.sqrt(np.clip(ev, 0.0, None))[:, None, :]) @ Q.transpose(0, 2, 1)
+    BS = B @ S
+    M = beta * N * np.eye(B.shape[1]) + S @ BS
+    SB = BS.transpose(0, 2, 1)  # S B (B and S symmetric)
+    K = (B - BS @ np.linalg.solve(M, SB)) / beta
+    Sa = np.einsum("mij,mj->mi", S, a)
+    wa = a - np.einsum("mij,mj->mi", BS, np.linalg.solve(M, Sa[..., None])[..., 0])
+    return (K + K.transpose(0, 2, 1)) / 2, wa / beta
 
 
 def _output_space_step(F, Hs, Bd, D, w, N, indefinite=False):

@@ -176,6 +176,7 @@ def _newton_step(cache, ind, first, d_out):
         cache.complement,
         cache.newton_features(),
         indefinite=cache.curvature == "hessian",
+        background=cache.complement_curvature,
     )
 
 

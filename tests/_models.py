@@ -4,6 +4,18 @@ import torch
 import torch.nn.functional as F
 
 
+def make_mlp(d_in, d_hidden, d_out, seed, dtype=torch.float64, softmax=False):
+    torch.manual_seed(seed)
+    layers = [
+        torch.nn.Linear(d_in, d_hidden),
+        torch.nn.Tanh(),
+        torch.nn.Linear(d_hidden, d_out),
+    ]
+    if softmax:
+        layers.append(torch.nn.Softmax(dim=-1))
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
 def trained_mlp(X, y, hidden, weight_decay, epochs):
     """A 64-hidden-10 tanh MLP, full-batch Adam with L2 ``weight_decay``.
 

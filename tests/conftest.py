@@ -1,19 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from _models import make_mlp
 from sklearn.datasets import load_digits
-
-
-def make_mlp(d_in, d_hidden, d_out, seed, dtype=torch.float64, softmax=False):
-    torch.manual_seed(seed)
-    layers = [
-        torch.nn.Linear(d_in, d_hidden),
-        torch.nn.Tanh(),
-        torch.nn.Linear(d_hidden, d_out),
-    ]
-    if softmax:
-        layers.append(torch.nn.Softmax(dim=-1))
-    return torch.nn.Sequential(*layers).to(dtype)
 
 
 @pytest.fixture

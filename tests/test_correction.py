@@ -157,5 +157,3 @@ def test_plain_cif_error_stays_below_the_paper_bound(digits):
         bound = cif.error_bound(m)
         print(f"m={m}: mean error {err.mean():.4g}, bound {bound.total:.4g}")
         assert err.mean() < bound.total, (m, err.mean(), bound)
-
-
