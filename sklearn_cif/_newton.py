@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from sklearn_cif.gradients import (
     iter_batches,
@@ -198,8 +199,8 @@ def newton_effects(
 
     Each fold is solved in the cheaper of two exact forms: in its output
     space (``m d`` unknowns) when ``m d <= r``, else through the ``r``
-    eigendirections (block diagonal plus rank ``r``). The output-space form
-    also gives the fold's leverage, the top eigenvalue of
+    eigendirections (block diagonal plus rank ``r``). Either way the fold's
+    leverage is computed, the top eigenvalue of
     :math:`\tfrac1N H_S^{1/2} K H_S^{1/2}` (below 1 for the exact
     Gauss-Newton curvature: the removal objective stays convex; the
     Hessian can exceed the fold's Gauss-Newton share less than that);
@@ -211,8 +212,11 @@ def newton_effects(
     direction where the quadratic model has no minimum, not an
     approximation error) an eigenvalue beyond 1 amplifies by
     :math:`1 / |1 - \\mu|` instead, the saddle-free Newton rule of Dauphin
-    et al. (2014), still capped at ``1 / (1 - MAX_LEVERAGE)``. A fold whose
-    step is not finite falls back to first order.
+    et al. (2014), still capped at ``1 / (1 - MAX_LEVERAGE)``. Through the
+    eigendirections (no eigenvectors of that matrix, its top eigenvalue by
+    Lanczos) a fold past the cap has its removed share scaled down until
+    its leverage is the cap, a damped step with the same bound. A fold
+    whose step is not finite falls back to first order.
 
     Parameters
     ----------
@@ -244,7 +248,6 @@ def newton_effects(
     NewtonEffects
         ``delta`` (Q,), ``out_change`` (nnz, d), ``z`` (nnz, d) with
         :math:`d_N = u + \tilde H^{-1} J_S^\top z`, and per fold ``leverage``
-        (NaN where the fold was solved through the eigendirections),
         ``amplification`` and ``safeguarded`` (clipped or first order).
     """
     N, c = float(n_samples), float(complement)
@@ -277,7 +280,12 @@ def newton_effects(
             res.leverage[q] = lev
             res.safeguarded[q] = lev > MAX_LEVERAGE
         else:
-            out, z = _eigen_space_step(F, Hs, Bd, D, w, N)
+            lev = _eigen_space_leverage(F, Hs, Bd, D, N)
+            res.leverage[q] = lev
+            res.safeguarded[q] = lev > MAX_LEVERAGE
+            # past the cap: remove only the share that brings it to the cap
+            share = MAX_LEVERAGE / lev if lev > MAX_LEVERAGE else 1.0
+            out, z = _eigen_space_step(F, share * Hs, Bd, D, w, N)
         if not (np.all(np.isfinite(out)) and np.all(np.isfinite(z))):
             out, z = w, np.zeros_like(w)  # first order
             res.safeguarded[q] = True
@@ -348,6 +356,29 @@ def _output_space_step(F, Hs, Bd, D, w, N, indefinite=False):
     out = w.reshape(-1) + K @ (Sb @ (V @ (per_mu * coef))) / N
     z = (Sb @ t / N).reshape(m, d)
     return out.reshape(m, d), z, lev
+
+
+def _eigen_space_leverage(F, Hs, Bd, D, N):
+    r"""The fold's leverage, top eigenvalue of :math:`\frac1N S K S`, by Lanczos.
+
+    ``S = H_S^{1/2}`` per example; each product costs ``O(m d r)`` through
+    the low-rank-plus-block-diagonal ``K`` (no ``m d x m d`` matrix).
+    """
+    m, d, _ = F.shape
+    ev, Q = np.linalg.eigh(Hs)
+    S = (Q * np.sqrt(np.clip(ev, 0.0, None))[:, None, :]) @ Q.transpose(0, 2, 1)
+
+    def product(v):
+        Sv = np.einsum("mij,mj->mi", S, v.reshape(m, d))
+        Kv = F @ (D * np.einsum("mdr,md->r", F, Sv)) + np.einsum("mij,mj->mi", Bd, Sv)
+        return np.einsum("mij,mj->mi", S, Kv).ravel() / N
+
+    op = LinearOperator((m * d, m * d), matvec=product, dtype=np.float64)
+    try:
+        top = eigsh(op, k=1, which="LA", tol=1e-4, return_eigenvectors=False)
+    except ArpackNoConvergence as exc:  # its best estimate, if any
+        top = exc.eigenvalues if len(exc.eigenvalues) else [np.nan]
+    return float(top[0])
 
 
 def _eigen_space_step(F, Hs, Bd, D, w, N):

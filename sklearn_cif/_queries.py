@@ -64,13 +64,12 @@ class FoldEffects:
         The Newton step's leverage of each subset (top eigenvalue of
         :math:`\\tfrac1N H_S^{1/2} J_S H^{-1} J_S^\\top H_S^{1/2}`; below 1
         for the exact Gauss-Newton curvature, not guaranteed with the
-        Hessian); NaN where not computed (first order, or a
-        subset solved through the eigendirections).
+        Hessian); NaN where not computed (first order).
     amplification : ndarray of shape (Q,)
         How far the Newton step goes beyond first order:
         :math:`\\|J_S d_N\\| / \\|J_S u\\|` (1 for first order).
     safeguarded : ndarray of shape (Q,)
-        Subsets whose Newton step was clipped (leverage above
+        Subsets whose Newton step was clipped or damped (leverage above
         ``MAX_LEVERAGE``) or fell back to first order (a non-finite step).
     newton_iterations : ndarray of shape (Q,)
         Newton iterations beyond the first step on the exact removal

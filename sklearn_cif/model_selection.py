@@ -186,9 +186,9 @@ class InfluenceCV(BaseEstimator):
         the residual correction adds to plain CiF), ``param_change_norm``,
         how far each fold's Newton step goes (``leverage``, NaN when not
         computed; ``amplification``, its output change over first order's;
-        ``safeguarded``, True where the step was clipped at leverage 0.99 or
-        fell back to first order; ``newton_iterations``, the iterations of
-        the exact refit beyond that step, for a model with
+        ``safeguarded``, True where the step was clipped or damped at
+        leverage 0.99 or fell back to first order; ``newton_iterations``,
+        the iterations of the exact refit beyond that step, for a model with
         ``linear_outputs_``), ``score_time``, ``fit_time`` (the cache
         build time shared evenly among the folds, 0 when the cache was
         reused) and

@@ -92,12 +92,15 @@ def test_woodbury_path_reproduces_the_dense_newton_step(
     assert np.all(np.abs(eff.delta_loss - eff.delta_loss_if) > 1e-4 * np.abs(ref))
 
 
+@pytest.mark.parametrize("background", [None, 0.7])
 @pytest.mark.parametrize("r", [4, 40])
-def test_low_rank_plus_block_diagonal_solve_matches_dense_algebra(r):
+def test_low_rank_plus_block_diagonal_solve_matches_dense_algebra(r, background):
     # newton_effects at a partial rank equals a direct dense solve of the
     # same approximate output-space system (independent linear algebra);
     # r = 4 takes the eigendirection path (m d > r), r = 40 the output-space
-    # path (m d <= r).
+    # path (m d <= r). The complement within each example is uniform (c) or
+    # the background-plus-own-share model, here by the push-through form
+    # A (beta + A^T H A / N)^-1 = (beta + B H / N)^-1 A, B = A A^T.
     rng = np.random.default_rng(0)
     n, d, N = 7, 3, 50
     F_ = rng.normal(size=(n, d, r)) * 0.7 / np.sqrt(r)
@@ -117,25 +120,33 @@ def test_low_rank_plus_block_diagonal_solve_matches_dense_algebra(r):
     ind = subset_indicator(folds, n)
     first = rng.normal(size=2)
     w_means = rng.normal(size=(ind.nnz, d))
-    res = newton_effects(ind, first, w_means, N, D, c, feats)
+    res = newton_effects(ind, first, w_means, N, D, c, feats, background=background)
     delta, out = res.delta, res.out_change
     assert not res.safeguarded.any()
-    assert np.isnan(res.leverage).all() == (r == 4)
+    assert not np.isnan(res.leverage).any()
+
+    def within(i, rhs):  # the complement's inverse within example i
+        B = gram[i] - F_[i] @ F_[i].T
+        if background is None:
+            return c * rhs
+        return np.linalg.solve(background * np.eye(d) + B @ hess[i] / N, rhs)
+
     for q, S in enumerate(folds):
         lo, hi = ind.indptr[q], ind.indptr[q + 1]
         m = len(S)
         Fs = F_[S].reshape(m * d, r)
         K = Fs @ np.diag(D) @ Fs.T
         for a, i in enumerate(S):  # complement within each example only
-            K[a * d : (a + 1) * d, a * d : (a + 1) * d] += c * (
-                gram[i] - F_[i] @ F_[i].T
+            K[a * d : (a + 1) * d, a * d : (a + 1) * d] += within(
+                i, gram[i] - F_[i] @ F_[i].T
             )
         Hs = np.zeros((m * d, m * d))
         for a, i in enumerate(S):
             Hs[a * d : (a + 1) * d, a * d : (a + 1) * d] = hess[i]
         # J_i H^-1 r_j: through U for all pairs, complement only for j = i
-        Jr = F_[S] @ (D * feats["Ur"][S].sum(0)) + c * (
-            feats["Jr"][S] - np.einsum("mdr,mr->md", F_[S], feats["Ur"][S])
+        own = feats["Jr"][S] - np.einsum("mdr,mr->md", F_[S], feats["Ur"][S])
+        Jr = F_[S] @ (D * feats["Ur"][S].sum(0)) + np.stack(
+            [within(i, own[a]) for a, i in enumerate(S)]
         )
         w = (w_means[lo:hi] + Jr / N).reshape(-1)
         z = Hs / N @ np.linalg.solve(np.eye(m * d) - K @ Hs / N, w)
@@ -146,11 +157,40 @@ def test_low_rank_plus_block_diagonal_solve_matches_dense_algebra(r):
         assert res.amplification[q] == pytest.approx(
             np.linalg.norm(o) / np.linalg.norm(w)
         )
-        if r == 40:  # leverage: top eigenvalue of the symmetric form
-            ev, Qv = np.linalg.eigh(Hs)
-            root = Qv @ np.diag(np.sqrt(np.clip(ev, 0, None))) @ Qv.T
-            lev = np.linalg.eigvalsh(root @ K @ root / N)[-1]
-            assert res.leverage[q] == pytest.approx(lev, rel=1e-10)
+        # leverage: top eigenvalue of the symmetric form (Lanczos at r = 4)
+        ev, Qv = np.linalg.eigh(Hs)
+        root = Qv @ np.diag(np.sqrt(np.clip(ev, 0, None))) @ Qv.T
+        lev = np.linalg.eigvalsh(root @ K @ root / N)[-1]
+        assert res.leverage[q] == pytest.approx(lev, rel=1e-10 if r == 40 else 1e-4)
+
+
+def test_a_large_fold_past_leverage_one_takes_a_damped_step():
+    # A fold larger than the kept rank (m d > r: solved through the
+    # eigendirections) whose leverage exceeds MAX_LEVERAGE: its removed share
+    # is scaled by MAX_LEVERAGE / leverage, so the step equals a dense solve
+    # with that share and grows at most 1 / (1 - MAX_LEVERAGE)-fold.
+    from sklearn_cif._newton import MAX_LEVERAGE
+
+    N, r, m = 10, 1, 3
+    F_ = np.array([[[2.0]], [[2.0]], [[1.0]]])  # (m, d=1, r=1)
+    feats = {
+        "F": F_,
+        "gram": F_ @ F_.transpose(0, 2, 1),  # nothing outside U
+        "hess": np.full((m, 1, 1), 2.0),
+        "Jr": np.zeros((m, 1)),
+        "Ur": np.zeros((m, r)),
+    }
+    ind = subset_indicator([np.arange(m)], m)
+    w = np.array([[0.5], [0.2], [0.1]])
+    res = newton_effects(ind, np.array([0.1]), w, N, np.ones(r), 0.0, feats)
+    K = F_[:, 0] @ F_[:, 0].T  # (m, m), rank one
+    lev = 2.0 * np.linalg.eigvalsh(K)[-1] / N  # 2 * 9 / 10 = 1.8
+    assert res.leverage[0] == pytest.approx(lev, rel=1e-6)
+    assert res.safeguarded[0]
+    H = 2.0 * MAX_LEVERAGE / lev * np.eye(m)
+    x = np.linalg.solve(np.eye(m) - K @ H / N, w[:, 0])
+    np.testing.assert_allclose(res.out_change[:, 0], w[:, 0] + K @ H @ x / N)
+    assert res.amplification[0] <= 1 / (1 - MAX_LEVERAGE) + 1e-9
 
 
 def test_a_fold_past_leverage_one_is_clipped_not_flipped():
