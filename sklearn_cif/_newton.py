@@ -374,8 +374,9 @@ def _eigen_space_leverage(F, Hs, Bd, D, N):
         return np.einsum("mij,mj->mi", S, Kv).ravel() / N
 
     op = LinearOperator((m * d, m * d), matvec=product, dtype=np.float64)
+    start = np.random.default_rng(0).standard_normal(m * d)  # same answer each call
     try:
-        top = eigsh(op, k=1, which="LA", tol=1e-4, return_eigenvectors=False)
+        top = eigsh(op, k=1, which="LA", tol=1e-4, v0=start, return_eigenvectors=False)
     except ArpackNoConvergence as exc:  # its best estimate, if any
         top = exc.eigenvalues if len(exc.eigenvalues) else [np.nan]
     return float(top[0])
