@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _refit import l2, lbfgs_minimize
 from scipy.stats import spearmanr
 from sklearn.datasets import make_classification
 from sklearn.model_selection import KFold
@@ -48,8 +49,7 @@ def trained(n, hidden):
     ).double()
 
     def objective(Xb, yb):
-        reg = sum((q * q).sum() for q in net.parameters())
-        return F.cross_entropy(net(Xb), yb) + 0.5 * LAM * reg
+        return F.cross_entropy(net(Xb), yb) + 0.5 * LAM * l2(net)
 
     adam = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(30):
@@ -57,18 +57,10 @@ def trained(n, hidden):
             adam.zero_grad()
             objective(X[idx], y[idx]).backward()
             adam.step()
-    lbfgs = torch.optim.LBFGS(
-        net.parameters(), max_iter=2000, history_size=50, tolerance_grad=1e-10,
-        tolerance_change=0, line_search_fn="strong_wolfe",
+    lbfgs_minimize(
+        net, lambda _: objective(X, y), steps=1, max_iter=2000,
+        tolerance_grad=1e-10, tolerance_change=0,
     )  # fmt: skip
-
-    def closure():
-        lbfgs.zero_grad()
-        loss = objective(X, y)
-        loss.backward()
-        return loss
-
-    lbfgs.step(closure)
     return net, X, y
 
 

@@ -33,6 +33,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _refit import l2, lbfgs_minimize
 from scipy.stats import spearmanr
 from sklearn.datasets import make_classification
 from sklearn.model_selection import KFold
@@ -56,8 +57,7 @@ def data(n):
 
 
 def objective(net, X, y):
-    reg = sum((q * q).sum() for q in net.parameters())
-    return F.cross_entropy(net(X), y) + 0.5 * LAM * reg
+    return F.cross_entropy(net(X), y) + 0.5 * LAM * l2(net)
 
 
 def train(X, y, epochs):
@@ -76,18 +76,10 @@ def train(X, y, epochs):
             objective(net, X[idx], y[idx]).backward()
             opt.step()
     epoch = (time.perf_counter() - start) / epochs
-    lbfgs = torch.optim.LBFGS(
-        net.parameters(), max_iter=500, history_size=50, tolerance_grad=1e-9,
-        tolerance_change=0, line_search_fn="strong_wolfe",
+    lbfgs_minimize(
+        net, lambda n: objective(n, X, y), steps=1, max_iter=500,
+        tolerance_grad=1e-9, tolerance_change=0,
     )  # fmt: skip
-
-    def closure():
-        lbfgs.zero_grad()
-        loss = objective(net, X, y)
-        loss.backward()
-        return loss
-
-    lbfgs.step(closure)
     return net, epoch
 
 

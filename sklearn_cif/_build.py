@@ -199,7 +199,7 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     if full and solver == "dense":
         self_infl = infl["kept"]  # every eigenpair kept: nothing outside U
     elif full:
-        terms = own_share(infl["rho"], _model_features(feats))
+        terms = own_share(infl["rho"], feats)
         with phase("calibration") as bar:
             beta = calibrate(
                 passes, op, precond, labels, means, infl["kept"], terms, cfg,
@@ -207,7 +207,8 @@ def build_cache(fmodel, X, y, config, seeds, settings):
             )  # fmt: skip
         self_infl = infl["kept"] + terms.form(beta, n)
     return assemble(
-        first, labels, means, sol, infl, (beta, self_infl), outs, feats, precond,
+        first, labels, means, sol, infl, outs, feats, precond,
+        self_influence=self_infl, complement_curvature=beta,
         curv_idx=curv_idx, op=op, passes=passes, cfg=cfg, timer=timer, solver=solver,
         curvature=curvature,
         optimality=opt, floor=floor,
@@ -481,13 +482,6 @@ def influence_pass(passes, V, means, labels, precond=None, bar=None):
     return out
 
 
-def _model_features(feats):
-    """The Newton features the complement model reads (``None`` if not cached)."""
-    if not feats:
-        return None
-    return {k: feats[k] for k in ("F", "gram", "hess", "Jr", "Ur")}
-
-
 def calibrate(passes, op, precond, labels, means, kept, terms, cfg, seed, bar=None):
     """The complement's background curvature ``beta``, from exact solves.
 
@@ -613,7 +607,7 @@ def linear_outputs(feats, eps):
     return bool(gap.size == 0 or np.max(gap) <= np.sqrt(eps))
 
 
-def assemble(first, labels, means, sol, infl, self_, outs, feats, precond, **kw):
+def assemble(first, labels, means, sol, infl, outs, feats, precond, **kw):
     """The :class:`CiFCache` from the steps' results (derived arrays computed here)."""
     S, n, n_clusters = first["S"], len(labels), int(labels.max()) + 1
     cluster_centers = centers(S, labels, n_clusters)
@@ -644,8 +638,8 @@ def assemble(first, labels, means, sol, infl, self_, outs, feats, precond, **kw)
             output_responses=outs["jv"],
             residual_sq_norms=resid_sq,
             within_scatter=float(resid_sq.mean()),
-            self_influence=np.asarray(self_[1], dtype=np.float64),
-            complement_curvature=self_[0],
+            self_influence=np.asarray(kw["self_influence"], dtype=np.float64),
+            complement_curvature=kw["complement_curvature"],
             correction=kw["cfg"].correction,
             solver=kw["solver"],
             curvature=kw["curvature"],

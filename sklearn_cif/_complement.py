@@ -31,7 +31,18 @@ curvature, is calibrated on a few exact solves (:func:`fit_background`).
 import numpy as np
 from scipy.optimize import brentq
 
-__all__ = ["OwnShare", "fit_background", "own_share"]
+from sklearn_cif.gradients import iter_batches
+
+__all__ = ["OwnShare", "fit_background", "own_share", "own_share_blocks", "psd_sqrt"]
+
+
+def psd_sqrt(H):
+    """Symmetric square roots of stacked PSD matrices ``(..., d, d)``.
+
+    Eigenvalues below zero (rounding) count as zero.
+    """
+    ev, Q = np.linalg.eigh(H)
+    return (Q * np.sqrt(np.clip(ev, 0.0, None))[..., None, :]) @ np.swapaxes(Q, -1, -2)
 
 
 class OwnShare:
@@ -63,21 +74,46 @@ class OwnShare:
         return np.clip(self.rho - saved, 0.0, None) / beta
 
 
-def own_share(rho, feats=None):
+# The Newton features the model reads.
+_READS = ("F", "gram", "hess", "Jr", "Ur")
+
+
+def own_share(rho, feats=None, chunk=4096):
     """The :class:`OwnShare` terms from ``||r_perp||^2`` and the Newton features.
 
     ``feats`` as :meth:`~sklearn_cif._cache.CiFCache.newton_features`
-    returns (``F``, ``gram``, ``hess``, ``Jr``, ``Ur``), or ``None``.
+    returns (``F``, ``gram``, ``hess``, ``Jr``, ``Ur``), or ``None``;
+    read ``chunk`` examples at a time.
     """
     if not feats:
         return OwnShare(rho)
-    f64 = {k: np.asarray(v, dtype=np.float64) for k, v in feats.items()}
-    F = f64["F"]
-    a = f64["Jr"] - np.einsum("ndr,nr->nd", F, f64["Ur"])
-    B = f64["gram"] - F @ F.transpose(0, 2, 1)
-    ev, Q = np.linalg.eigh(f64["hess"])
-    S = (Q * np.sqrt(np.clip(ev, 0.0, None))[:, None, :]) @ Q.transpose(0, 2, 1)
-    return OwnShare(rho, S @ B @ S, np.einsum("nij,nj->ni", S, a))
+    n, d = feats["Jr"].shape
+    SBS, Sa = np.empty((n, d, d)), np.empty((n, d))
+    for rows in iter_batches(n, chunk):  # float64 copies of F a chunk at a time
+        f64 = {k: np.asarray(feats[k][rows], dtype=np.float64) for k in _READS}
+        F = f64["F"]
+        a = f64["Jr"] - np.einsum("ndr,nr->nd", F, f64["Ur"])
+        B = f64["gram"] - F @ F.transpose(0, 2, 1)
+        S = psd_sqrt(f64["hess"])
+        SBS[rows], Sa[rows] = S @ B @ S, np.einsum("nij,nj->ni", S, a)
+    return OwnShare(rho, SBS, Sa)
+
+
+def own_share_blocks(B, a, S, beta, n_samples):
+    r"""The model's inverse inside each example, for the Newton step.
+
+    :math:`A_i (\beta I + A_i^\top H_i A_i / N)^{-1}` applied to
+    :math:`A_i^\top` and to :math:`r_i`, by Woodbury in ``d x d``, from
+    ``B = A_i A_i^\top`` (m, d, d), ``a = A_i r_i`` (m, d) and ``S =
+    H_i^{1/2}``. Returns the (symmetrized) blocks and the vectors.
+    """
+    BS = B @ S
+    M = beta * n_samples * np.eye(B.shape[1]) + S @ BS
+    SB = BS.transpose(0, 2, 1)  # S B (B and S symmetric)
+    K = (B - BS @ np.linalg.solve(M, SB)) / beta
+    Sa = np.einsum("mij,mj->mi", S, a)
+    wa = a - np.einsum("mij,mj->mi", BS, np.linalg.solve(M, Sa[..., None])[..., 0])
+    return (K + K.transpose(0, 2, 1)) / 2, wa / beta
 
 
 def fit_background(kept, exact, terms, n_samples, low, high):

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
+from sklearn_cif._complement import own_share_blocks, psd_sqrt
 from sklearn_cif.gradients import (
     iter_batches,
     output_derivatives,
@@ -272,15 +273,19 @@ def newton_effects(
         Ur = f64["Ur"]
         own = f64["Jr"] - np.einsum("mdr,mr->md", F, Ur)
         B = f64["gram"] - F @ F.transpose(0, 2, 1)
+        S = psd_sqrt(Hs)  # H_i^{1/2}, once per fold
         # K = F D F^T (all pairs) + the complement within each example.
-        Bd, own = _within_complement(B, own, Hs, c, background, N)
+        if background is None:
+            Bd, own = c * B, c * own
+        else:
+            Bd, own = own_share_blocks(B, own, S, background, N)
         w = w_means[lo:hi] + (F @ (D * Ur.sum(0)) + own) / N
         if m * w.shape[1] <= D.size:
-            out, z, lev = _output_space_step(F, Hs, Bd, D, w, N, indefinite)
+            out, z, lev = _output_space_step(F, S, Bd, D, w, N, indefinite)
             res.leverage[q] = lev
             res.safeguarded[q] = lev > MAX_LEVERAGE
         else:
-            lev = _eigen_space_leverage(F, Hs, Bd, D, N)
+            lev = _eigen_space_leverage(F, S, Bd, D, N)
             res.leverage[q] = lev
             res.safeguarded[q] = lev > MAX_LEVERAGE
             # past the cap: remove only the share that brings it to the cap
@@ -298,28 +303,7 @@ def newton_effects(
     return res
 
 
-def _within_complement(B, a, Hs, c, beta, N):
-    r"""Each example's complement block of ``K`` and of ``w``.
-
-    ``B = A_i A_i^\top`` and ``a = A_i r_i`` (``A_i`` the output Jacobian
-    outside ``U``). Uniform: ``c B`` and ``c a``. With the background
-    ``beta``: :math:`A_i (\beta I + A_i^\top H_i A_i / N)^{-1}` applied to
-    :math:`A_i^\top` and to :math:`r_i`, by Woodbury in ``d x d``.
-    """
-    if beta is None:
-        return c * B, c * a
-    ev, Q = np.linalg.eigh(Hs)
-    S = (Q * np.sqrt(np.clip(ev, 0.0, None))[:, None, :]) @ Q.transpose(0, 2, 1)
-    BS = B @ S
-    M = beta * N * np.eye(B.shape[1]) + S @ BS
-    SB = BS.transpose(0, 2, 1)  # S B (B and S symmetric)
-    K = (B - BS @ np.linalg.solve(M, SB)) / beta
-    Sa = np.einsum("mij,mj->mi", S, a)
-    wa = a - np.einsum("mij,mj->mi", BS, np.linalg.solve(M, Sa[..., None])[..., 0])
-    return (K + K.transpose(0, 2, 1)) / 2, wa / beta
-
-
-def _output_space_step(F, Hs, Bd, D, w, N, indefinite=False):
+def _output_space_step(F, S, Bd, D, w, N, indefinite=False):
     r"""The fold's step in its ``m d`` output coordinates, with leverage clipping.
 
     With :math:`S = H_S^{1/2}` and :math:`M = S K S / N = V \mathrm{diag}(\mu)
@@ -338,8 +322,6 @@ def _output_space_step(F, Hs, Bd, D, w, N, indefinite=False):
     diag = np.arange(m)
     K[diag, :, diag, :] += Bd
     K = K.reshape(m * d, m * d)
-    ev, Qv = np.linalg.eigh(Hs)
-    S = (Qv * np.sqrt(np.clip(ev, 0.0, None))[:, None, :]) @ Qv.transpose(0, 2, 1)
     Sb = np.zeros((m, d, m, d))
     Sb[diag, :, diag, :] = S
     Sb = Sb.reshape(m * d, m * d)
@@ -358,15 +340,13 @@ def _output_space_step(F, Hs, Bd, D, w, N, indefinite=False):
     return out.reshape(m, d), z, lev
 
 
-def _eigen_space_leverage(F, Hs, Bd, D, N):
+def _eigen_space_leverage(F, S, Bd, D, N):
     r"""The fold's leverage, top eigenvalue of :math:`\frac1N S K S`, by Lanczos.
 
     ``S = H_S^{1/2}`` per example; each product costs ``O(m d r)`` through
     the low-rank-plus-block-diagonal ``K`` (no ``m d x m d`` matrix).
     """
     m, d, _ = F.shape
-    ev, Q = np.linalg.eigh(Hs)
-    S = (Q * np.sqrt(np.clip(ev, 0.0, None))[:, None, :]) @ Q.transpose(0, 2, 1)
 
     def product(v):
         Sv = np.einsum("mij,mj->mi", S, v.reshape(m, d))
