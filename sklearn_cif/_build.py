@@ -140,7 +140,8 @@ def build_cache(fmodel, X, y, config, seeds, settings):
             f"regularized gradient (1/N) sum_i g_i + damping * theta has norm "
             f"{opt[0]:.3g}, {opt[1]:.3g} times its sampling noise "
             f"(optimality_gap_ > {MAX_OPTIMALITY_GAP:g}). Predicted effects "
-            "are then mixed with the training left unfinished. Train to "
+            "are then mixed with the training left unfinished, and "
+            "target='auto' gives first order, not the Newton step. Train to "
             "convergence with an L2 penalty equal to `damping` (skorch: "
             "optimizer__weight_decay), or set `damping` to the training one.",
             CIFWarning,

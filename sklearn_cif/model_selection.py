@@ -164,7 +164,8 @@ class InfluenceCV(BaseEstimator):
         out-of-fold outputs it predicts; see
         :meth:`ClusteredInfluenceEstimator.loss_change`).
         ``"if"``: the first-order influence-function effect. ``"auto"`` is
-        ``"retrain"`` whenever the estimator provides it for its loss (see
+        ``"retrain"`` whenever the estimator provides it for its loss and
+        the model is at its optimum (see
         :meth:`ClusteredInfluenceEstimator.loss_change`), else ``"if"``
         (``PerQueryInfluence`` is first order).
     verbose : int, default=0

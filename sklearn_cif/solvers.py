@@ -539,10 +539,19 @@ def spectral_preconditioner(matmat, n, damping, rank, seed, like, progress=None)
     )
     k = min(rank, n)
     # The first Ritz value beyond the kept ones bounds the rest of the spectrum.
-    tail = evals[k] if evals.numel() > k else evals[-1]
-    return SpectralPreconditioner(
-        evals[:k], canonical_signs(evecs[:k]), max(float(tail), damping)
-    )
+    tail = max(float(evals[k] if evals.numel() > k else evals[-1]), damping)
+    if not tail > 0:
+        # No damping and a flat direction (an undamped softmax shift): the
+        # complement's scale is then the smallest positive Ritz value, as
+        # 1 / 0 would be no preconditioner (CG then converges or breaks down
+        # and says so).
+        positive = evals[:k][evals[:k] > 0]
+        if positive.numel() == 0:
+            raise FloatingPointError(
+                "The curvature has no positive eigenvalue: nothing to invert."
+            )
+        tail = float(positive.min())
+    return SpectralPreconditioner(evals[:k], canonical_signs(evecs[:k]), tail)
 
 
 def canonical_signs(evecs):

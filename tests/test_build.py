@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 from _oracles import dense_ggn, loop_grads
+from sklearn.base import clone
 
 from sklearn_cif import ClusteredInfluenceEstimator, PerQueryInfluence, _build
 from sklearn_cif.adapters import as_functional
+from sklearn_cif.exceptions import CIFWarning
 from sklearn_cif.passes import DataPasses
 
 LAM = 0.05
@@ -157,6 +159,29 @@ def test_optimality_gap_tells_an_optimum_from_a_mismatch(tiny_classification):
     with pytest.warns(CIFWarning, match="not at the optimum"):
         fresh = torch.nn.Linear(X.shape[1], 3).double()
         ClusteredInfluenceEstimator(4, loss="cross_entropy").fit(fresh, X, y)
+
+
+def test_auto_target_is_first_order_off_the_optimum(tiny_classification):
+    # The Newton step expands around the optimum: with the model off it
+    # (optimality_gap_ > 1) target="auto" answers first order, and the step
+    # is still there for who asks for it; at the optimum "auto" is the step.
+    _, X, y = tiny_classification
+    net = _optimal_logreg(X, y, 0.05)
+    folds = [np.arange(i, len(y), 5) for i in range(5)]
+    est = ClusteredInfluenceEstimator(4, loss="cross_entropy", damping=0.05)
+    at = est.fit(net, X, y)
+    assert at.fold_effects(folds).target == "retrain"
+    with pytest.warns(CIFWarning, match="target='auto' gives first order"):
+        off = clone(est).set_params(damping=0.5).fit(net, X, y)
+    auto = off.fold_effects(folds)
+    first = off.fold_effects(folds, target="if")
+    step = off.fold_effects(folds, target="retrain")
+    assert auto.target == "if" and step.target == "retrain"
+    np.testing.assert_array_equal(auto.delta_loss, first.delta_loss)
+    assert not np.allclose(step.delta_loss, first.delta_loss)
+    np.testing.assert_array_equal(
+        off.loss_change(folds), off.loss_change(folds, target="if")
+    )
 
 
 def test_auto_rank_stops_at_the_first_rank_with_a_small_tail(

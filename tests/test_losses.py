@@ -88,9 +88,13 @@ def test_registered_loss_in_influence_cv_scoring(tiny_classification):
     # recomputed here from the predicted out-of-fold logits.
     net, X, y = tiny_classification
     est = ClusteredInfluenceEstimator(5, loss="tempered_ce", random_state=0)
-    icv = InfluenceCV(est, cv=KFold(5), scoring=["accuracy", "neg_log_loss"])
+    # (the net is untrained: "auto" would answer first order off the optimum)
+    assert "retrain" in est.available_targets()  # newton_default of the loss
+    icv = InfluenceCV(
+        est, cv=KFold(5), scoring=["accuracy", "neg_log_loss"], target="retrain"
+    )
     icv.fit(net, X, y)
-    assert icv.target_ == "retrain"  # newton_default declared by the loss
+    assert icv.target_ == "retrain"
     res, yn = icv.cv_results_, y.numpy()
     for q, (_, test) in enumerate(KFold(5).split(X)):
         lo, hi = q * 6, (q + 1) * 6

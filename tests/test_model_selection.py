@@ -366,7 +366,7 @@ def test_cv_results_carry_each_folds_newton_diagnostics(tiny_classification):
     est = ClusteredInfluenceEstimator(
         4, loss="cross_entropy", damping=LAM, solver="dense", random_state=0
     )
-    icv = InfluenceCV(est, cv=LeaveOneOut()).fit(net, X, y)
+    icv = InfluenceCV(est, cv=LeaveOneOut(), target="retrain").fit(net, X, y)
     res = icv.cv_results_
     ce = torch.nn.CrossEntropyLoss(reduction="none")
     Hinv = torch.linalg.inv(dense_ggn(net, ce, X, y, LAM))
