@@ -355,7 +355,9 @@ def dense_curvature(op, requested, floor, bar=None):
         f"at the model (smallest eigenvalue {lowest:.3g}): it is not at a strict "
         "minimum of that objective, so a refit has no nearby optimum to move "
         "to. Using the Gauss-Newton matrix instead (curvature_ = 'ggn'); train "
-        "to convergence with an L2 penalty equal to `damping` for the Hessian.",
+        "to convergence with an L2 penalty equal to `damping` for the Hessian. "
+        "A piecewise-linear activation (ReLU) stops at a kink, where no "
+        "training gets there: use a smooth one (tanh, logistic) instead.",
         CIFWarning,
         stacklevel=4,
     )
