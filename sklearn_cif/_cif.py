@@ -620,8 +620,8 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             is at its optimum (``optimality_gap_`` at most 1: the step
             expands around it); else ``"if"``. Off the optimum, measured
             against real CV that retrains with the same fixed-epoch
-            recipe, the Newton step gave 1.8-15 times the held-out loss
-            and first order 1.2-3.3 times (user guide, "Models off their
+            recipe, the Newton step gave 1.1-10 times the held-out loss
+            and first order 0.92-1.8 times (user guide, "Models off their
             optimum").
         assume_unique : bool, default=False
             Skip the check for repeated indices within a subset (as in
