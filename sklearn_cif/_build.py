@@ -47,6 +47,9 @@ MAX_OPTIMALITY_GAP = 1.0
 # pass DENSE_MAX_FEATURES.
 AUTO_RANKS = (128, 256, 512)
 AUTO_RANK_TAIL = 1.0
+# cg_tol="auto": the range of the per-cluster tolerances (see solve_tolerances);
+# the floor is the old fixed default, about what float32 block CG reaches.
+AUTO_TOL_RANGE = (1e-5, 0.5)
 # Bound on the geometric-mean error of the calibration's exact values at which
 # its solve stops (see calibrate): beta comes from n_calibration = 32
 # examples, whose sampling error is larger.
@@ -67,7 +70,7 @@ class BuildConfig:
     sketch: str
     sketch_dim: int
     damping: float | np.ndarray  # uniform, or the (p,) diagonal
-    cg_tol: float
+    cg_tol: float | str  # or "auto": per cluster, see solve_tolerances
     cg_maxiter: int | None
     batch_size: int
     correction: str  # "full", "cross" or "none"
@@ -147,9 +150,12 @@ def build_cache(fmodel, X, y, config, seeds, settings):
             CIFWarning,
             stacklevel=3,
         )
-    precond = None
+    # The rank ladder serves the Newton step, which target="auto" answers only
+    # at the optimum; off it the first rung keeps the first-order answers.
+    at_optimum = opt[1] <= MAX_OPTIMALITY_GAP
+    precond, tol = None, 0.0  # the dense solve is exact: no tolerance
     if solver == "dense":
-        if cfg.curvature == "auto" and opt[1] <= MAX_OPTIMALITY_GAP:
+        if cfg.curvature == "auto" and at_optimum:
             # at its optimum (else the Hessian is no better posed than G)
             op = make_curvature("hessian", curv_passes, cfg.damping)
         with phase("curvature") as bar:
@@ -167,12 +173,13 @@ def build_cache(fmodel, X, y, config, seeds, settings):
                 like = means[:0]  # dtype and device
                 precond = spectrum(
                     op, cfg.correction_rank, seeds.spectrum, like, n * n_out, floor,
-                    bar,
+                    bar, climb=at_optimum,
                 )  # fmt: skip
+        tol = solve_tolerances(cfg.cg_tol, first["sq_norms"], labels, means)
         with phase("solve", desc="CG") as bar:
             try:
                 sol = block_cg(
-                    op.matmat, means, cfg.cg_tol, cfg.cg_maxiter, precond=precond,
+                    op.matmat, means, tol, cfg.cg_maxiter, precond=precond,
                     progress=bar,
                 )  # fmt: skip
             except FloatingPointError as exc:
@@ -209,7 +216,7 @@ def build_cache(fmodel, X, y, config, seeds, settings):
         self_infl = infl["kept"] + terms.form(beta, n)
     return assemble(
         first, labels, means, sol, infl, outs, feats, precond,
-        self_influence=self_infl, complement_curvature=beta,
+        self_influence=self_infl, complement_curvature=beta, tol=tol,
         curv_idx=curv_idx, op=op, passes=passes, cfg=cfg, timer=timer, solver=solver,
         curvature=curvature,
         optimality=opt, floor=floor,
@@ -273,7 +280,7 @@ def choose_solver(solver, op, n_samples, n_out):
     return "dense" if can and fits else "cg"
 
 
-def spectrum(op, rank, seed, like, rows, floor, bar=None):
+def spectrum(op, rank, seed, like, rows, floor, bar=None, climb=True):
     """The spectral preconditioner at ``rank``, or grown to it under ``"auto"``.
 
     ``rows`` is ``N d``, the rows of the Newton features each eigenpair adds;
@@ -281,7 +288,9 @@ def spectrum(op, rank, seed, like, rows, floor, bar=None):
     ``"auto"`` a rung of :data:`AUTO_RANKS` that the decay seen so far says
     cannot reach the target (see :func:`rank_needed`) is skipped: each rung
     is computed from scratch, so on a flat spectrum the ladder's end is
-    reached for the price of its first and last rungs.
+    reached for the price of its first and last rungs. ``climb=False``
+    (a model off its optimum, answered to first order) stops at the first
+    rung: the calibrated complement model carries the rest.
     """
     if rank != "auto":
         return spectral_preconditioner(
@@ -295,12 +304,41 @@ def spectrum(op, rank, seed, like, rows, floor, bar=None):
         precond = spectral_preconditioner(
             op.matmat, op.n_params, floor, ladder[i], seed, like, bar
         )
-        if precond.tail <= target or i == len(ladder) - 1:
+        if precond.tail <= target or i == len(ladder) - 1 or not climb:
             return precond
         need = rank_needed(precond.evals.cpu().numpy(), precond.tail, target)
         i += 1
         while i < len(ladder) - 1 and 2 * ladder[i] < need:
             i += 1  # a factor-2 margin: a rung is skipped only when far short
+
+
+def solve_tolerances(cg_tol, sq_norms, labels, means):
+    r"""The relative residual each cluster's solve stops at.
+
+    A float is returned as it is. ``"auto"``: cluster ``c`` stops once
+    :math:`\|\mu_c - \tilde H v_c\| \le \sqrt{s / N}`, with :math:`s`
+    the mean squared residual :math:`\overline{\|g_i - \mu_{c(i)}\|^2}`
+    (the within-cluster scatter): the noise of a mean residual gradient. The
+    error bound's solver term, :math:`\frac{m}{\lambda N}\sum_c
+    \frac{n_c}{N}\rho_c\|\mu_c\|`, is then at most :math:`\frac{m}{\lambda
+    N}\sqrt{s/N}`, which is at most the scatter term
+    :math:`\frac{1}{\lambda N}\sqrt{\frac{m(N-m)}{N-1}s}` for every subset
+    of up to half the training set: no fold of a CV splitter gains from a
+    tighter solve. :math:`s` comes from the first pass's
+    :math:`\|g_i\|^2` (:math:`s = \overline{\|g_i\|^2} - \sum_c
+    \frac{n_c}{N}\|\mu_c\|^2`). The values are clipped to
+    :data:`AUTO_TOL_RANGE`; with no scatter (one example per cluster) every
+    solve runs to its floor.
+    """
+    if cg_tol != "auto":
+        return float(cg_tol)
+    n = len(labels)
+    weights = np.bincount(labels, minlength=means.shape[0]) / n
+    mean_sq = row_sq_norms(means).cpu().numpy()
+    scatter = max(float(np.mean(sq_norms) - weights @ mean_sq), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tol = np.sqrt(scatter / n) / np.sqrt(mean_sq)
+    return np.clip(np.nan_to_num(tol, nan=AUTO_TOL_RANGE[0]), *AUTO_TOL_RANGE)
 
 
 def rank_needed(evals, tail, target):
@@ -519,7 +557,8 @@ def calibrate(passes, op, precond, labels, means, kept, terms, cfg, seed, bar=No
 
     R = passes.subset(idx).map_rows(kernel, gradients=True, dtype=None)["R"]
     R = torch.as_tensor(R, device=means.device)
-    tol, stop = max(float(cfg.cg_tol), 1e-3), None
+    tol = 1e-3 if cfg.cg_tol == "auto" else max(float(cfg.cg_tol), 1e-3)
+    stop = None
     if floor > 0:
 
         def stop(X, res):
@@ -667,6 +706,9 @@ def assemble(first, labels, means, sol, infl, outs, feats, precond, **kw):
             residual_jacobian=feats.get("Jr"),
             residual_spectral=feats.get("Ur"),
             cg_residuals=sol.residuals,
+            cg_tol=np.broadcast_to(
+                np.asarray(kw["tol"], dtype=np.float64), (n_clusters,)
+            ).copy(),
             n_iter=sol.n_iter,
             curvature_indices=kw["curv_idx"],
             loss_name=fmodel.loss.name,

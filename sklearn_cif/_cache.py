@@ -89,6 +89,7 @@ class CiFCache:
     residual_jacobian: np.ndarray = _array("N", "d", optional=True)
     residual_spectral: np.ndarray = _array("N", "r", optional=True)
     cg_residuals: np.ndarray = _array("C")
+    cg_tol: np.ndarray = _array("C")
     n_iter: np.ndarray = _array("C", kind="i")
     curvature_indices: np.ndarray = _array("S", kind="i", optional=True)
     loss_name: str = _scalar(str)

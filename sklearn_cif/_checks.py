@@ -195,9 +195,19 @@ def resolve_damping(damping, fmodel, n_samples):
     return vec
 
 
-def check_solver_params(damping, cg_tol, cg_maxiter, batch_size, curvature_samples):
-    """Validate the parameters every influence estimator shares."""
+def check_solver_params(
+    damping, cg_tol, cg_maxiter, batch_size, curvature_samples, auto_tol=False
+):
+    """Validate the parameters every influence estimator shares.
+
+    ``auto_tol``: whether ``cg_tol="auto"`` is accepted.
+    """
     _check_damping(damping)
+    if auto_tol and isinstance(cg_tol, str) and cg_tol == "auto":
+        cg_tol = 0.5  # valid; resolved per cluster at fit
+    elif isinstance(cg_tol, str):
+        expected = "'auto' or a float" if auto_tol else "a float"
+        raise ValueError(f"cg_tol={cg_tol!r}; expected {expected} in (0, 1).")
     check_scalar(cg_tol, "cg_tol", numbers.Real)
     if not 0 < cg_tol < 1:  # NaN fails too; at >= 1 CG would stop at x = 0
         raise ValueError(

@@ -52,13 +52,15 @@ __all__ = ["FAST_PRESET", "ClusteredInfluenceEstimator"]
 _CORRECTIONS = {"auto": "full", "full": "full", "cross": "cross", "none": "none"}
 
 #: Parameters of a cheaper CG-path build, ``ClusteredInfluenceEstimator(
-#: **FAST_PRESET)``: looser solves (fold effects moved by up to 5e-3), the
-#: spectral approximation at rank 128 instead of grown to 512, and half the
-#: calibration solves. A flat spectrum then keeps less of the Newton step's
-#: curvature: the user guide's build-cost table gives the measured cost and
-#: the answers against the default's. Models small enough for the dense
-#: solver ignore all three.
-FAST_PRESET = {"cg_tol": 1e-2, "correction_rank": 128, "n_calibration": 16}
+#: **FAST_PRESET)``: every cluster solved to a relative residual of 0.1
+#: (instead of the noise rule of ``cg_tol="auto"``; the calibration solves
+#: stop there too), the spectral approximation at rank 128 even at the
+#: optimum (no ladder: the Newton step keeps less of a flat spectrum's
+#: curvature), and half the calibration solves. The user guide's build-cost
+#: section gives the measured cost and the answers against the default's
+#: and against real CV. Models small enough for the dense solver ignore
+#: all three.
+FAST_PRESET = {"cg_tol": 0.1, "correction_rank": 128, "n_calibration": 16}
 
 
 @fitted_views(CiFCache, fitted_fields(CiFCache))
@@ -91,13 +93,18 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         weights, 0 on intercepts and biases; see
         :func:`~sklearn_cif.sklearn_models.to_torch`), else ``1e-3``. The
         resolved values are ``damping_floor_`` and ``damping_diagonal_``.
-    cg_tol : float, default=1e-3
-        Target relative residual of each CG solve. Tighter solves move the
-        answers by less than the estimate's own error: on three CG-path
-        setups (two tanh MLPs on classification, a ReLU MLP on regression),
-        ``1e-3`` moved fold effects by at most 4e-4 (relative) from
-        ``1e-5``, in 40 % fewer iterations (see the user guide's build-cost
-        section).
+    cg_tol : "auto" or float, default="auto"
+        Target relative residual of the CG solves. ``"auto"``: each
+        cluster's solve stops once :math:`\|\mu_c - \tilde H v_c\|` is at
+        most :math:`\sqrt{s/N}`, the noise of a mean residual gradient
+        (:math:`s` = ``within_scatter_``), clipped to [1e-5, 0.5] relative:
+        the error bound's solver term is then at most its scatter term for
+        every subset of up to half the training set, so no CV fold gains
+        from a tighter solve. A float applies to every cluster. On two
+        CG-path MLPs ``"auto"`` moved fold effects by at most 2.5e-3
+        (relative) from ``1e-5``, in about half the products of ``1e-3``;
+        a fixed ``0.1`` moved them by up to 5.5e-2 (see the user guide's
+        build-cost section).
     cg_maxiter : int or None, default=None
         CG iteration cap (``None``: 1000).
     batch_size : int, default=256
@@ -146,8 +153,12 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         features (``N d r`` numbers) fit in ``2**27``. A rank that a power
         law through the Ritz values seen so far says falls short of the
         target by more than 2x is skipped (each rank is computed from
-        scratch, so a flat spectrum costs the first and the last). The kept
-        rank is ``len(spectrum_)``.
+        scratch, so a flat spectrum costs the first and the last). The
+        ladder serves the Newton step, so it is climbed only for a model at
+        its optimum (``optimality_gap_ <= 1``, where ``target="auto"`` is the
+        step); off it the first rank is kept and the calibrated complement
+        carries the rest of the first-order answers. The kept rank is
+        ``len(spectrum_)``.
     n_calibration : int, default=32
         Examples solved exactly to calibrate the self-influences' model of
         the curvature outside the kept eigenvectors (``complement_curvature_``).
@@ -273,6 +284,10 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         Final relative residual :math:`\rho_c` of each solve (recomputed as
         ``||mu_c - H v_c|| / ||mu_c||``, not the recursion's estimate; the
         rounding error of the dense solver).
+    cg_tol_ : ndarray of shape (C,)
+        The relative residual each cluster's solve was held to: ``cg_tol``
+        itself, or what ``"auto"`` resolved to (zeros for the dense solver,
+        which is exact).
     n_iter_ : ndarray of shape (C,)
         Block CG iterations each cluster's column stayed active (a column
         is frozen once it meets ``cg_tol``; zeros for the dense solver).
@@ -371,7 +386,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         *,
         sketch_dim=256,
         damping="auto",
-        cg_tol=1e-3,
+        cg_tol="auto",
         cg_maxiter=None,
         batch_size=256,
         loss=None,
@@ -447,7 +462,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         """Validate the parameters; return them as a :class:`BuildConfig`."""
         check_solver_params(
             self.damping, self.cg_tol, self.cg_maxiter, self.batch_size,
-            self.curvature_samples,
+            self.curvature_samples, auto_tol=True,
         )  # fmt: skip
         check_scalar(
             self.n_clusters, "n_clusters", numbers.Integral, min_val=1, max_val=n
@@ -475,7 +490,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
             sketch=self.sketch,
             sketch_dim=int(self.sketch_dim),
             damping=resolve_damping(self.damping, fmodel, n),
-            cg_tol=float(self.cg_tol),
+            cg_tol="auto" if self.cg_tol == "auto" else float(self.cg_tol),
             cg_maxiter=self.cg_maxiter,
             batch_size=int(self.batch_size),
             correction=_CORRECTIONS[self.residual_correction],

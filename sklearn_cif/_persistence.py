@@ -25,7 +25,7 @@ from sklearn_cif.exceptions import CIFWarning
 
 __all__ = ["load_cache", "save_cache"]
 
-_FORMAT = "sklearn_cif-cache-7"
+_FORMAT = "sklearn_cif-cache-8"
 _META = "__meta__"
 
 

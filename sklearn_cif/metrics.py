@@ -112,7 +112,8 @@ def fidelity_scorer(
     a :class:`~sklearn_cif.PerQueryInfluence` with the estimator's model,
     loss, damping and solver settings, solved for all folds together to a
     relative residual of at most ``1e-5`` (the estimator's ``cg_tol`` if
-    tighter), so that tuning ``cg_tol`` is scored against a fixed reference.
+    a tighter float), so that tuning ``cg_tol`` is scored against a fixed
+    reference.
 
     Parameters
     ----------
@@ -166,7 +167,9 @@ def fidelity_scorer(
         folds = [te for _, te in splitter.split(np.empty(len(y_fit)))]
         ref = PerQueryInfluence(
             damping=estimator.damping,
-            cg_tol=min(estimator.cg_tol, REFERENCE_TOL),
+            cg_tol=REFERENCE_TOL
+            if estimator.cg_tol == "auto"
+            else min(estimator.cg_tol, REFERENCE_TOL),
             cg_maxiter=estimator.cg_maxiter,
             batch_size=estimator.batch_size,
             loss=estimator.loss,

@@ -73,8 +73,8 @@ def batched_cg(
         ``V (r, p) -> A V`` for a symmetric positive definite ``A``.
     B : torch.Tensor of shape (r, p)
         Right-hand sides.
-    tol : float
-        Target relative residual ``||b - A x|| / ||b||``.
+    tol : float or ndarray of shape (r,)
+        Target relative residual ``||b - A x|| / ||b||``, or one per column.
     maxiter : int or None
         Iteration cap per column; ``None`` means 1000.
     precond : callable or None
@@ -153,8 +153,9 @@ def block_cg(
         ``V (s, p) -> A V`` for a symmetric positive definite ``A``.
     B : torch.Tensor of shape (r, p)
         Right-hand sides.
-    tol : float
-        Target relative residual ``||b - A x|| / ||b||`` of every column.
+    tol : float or ndarray of shape (r,)
+        Target relative residual ``||b - A x|| / ||b||`` of every column, or
+        one per column.
     maxiter : int or None
         Iteration cap (restarts included); ``None`` means 1000.
     precond : callable or None
@@ -238,7 +239,11 @@ class _Columns:
     """
 
     def __init__(self, B, tol, name):
-        self.B, self.tol, self.name = B, tol, name
+        # one target per column (a float applies to all)
+        self.tol = np.broadcast_to(
+            np.asarray(tol, dtype=np.float64), B.shape[:1]
+        ).copy()
+        self.B, self.name = B, name
         self.bnorm = torch.linalg.vector_norm(B, dim=1)
         self.safe_bnorm = torch.where(
             self.bnorm > 0, self.bnorm, torch.ones_like(self.bnorm)
@@ -246,7 +251,7 @@ class _Columns:
         self.rel = (self.bnorm / self.safe_bnorm).cpu().numpy()
         self.best = self.rel.copy()
         self.n_iter = np.zeros(B.shape[0], dtype=np.int64)
-        self.active = np.flatnonzero(self.rel > tol)
+        self.active = np.flatnonzero(self.rel > self.tol)
         self.n_products = 0
         self.residuals = None
 
@@ -265,7 +270,7 @@ class _Columns:
         _check_breakdown(rel_a, curv, self.best[active], active, self.name)
         self.rel[active] = rel_a
         self.best[active] = np.minimum(self.best[active], rel_a)
-        self.active = active[rel_a > self.tol]
+        self.active = active[rel_a > self.tol[active]]
         if progress is not None:
             progress.update(1)
             progress.set_postfix(
@@ -309,13 +314,19 @@ class _Columns:
             )
             warnings.warn(
                 f"{self.name} {reason}: {above} of {X.shape[0]} systems above "
-                f"cg_tol={self.tol:g} (worst relative residual "
+                f"cg_tol={_describe(self.tol)} (worst relative residual "
                 f"{self.residuals.max():.3g}). Increase `cg_maxiter`, loosen "
                 "`cg_tol` or increase `damping`.",
                 ConvergenceWarning,
                 stacklevel=4,
             )
         return CGResult(X, self.residuals, self.n_iter, self.n_products)
+
+
+def _describe(tol):
+    """A tolerance for messages: the value, or the range of per-column values."""
+    lo, hi = float(tol.min()), float(tol.max())
+    return f"{lo:g}" if lo == hi else f"{lo:g}..{hi:g} (per system)"
 
 
 def _orth_rows(W):

@@ -1,5 +1,7 @@
 """Cluster means by ordinary backward passes; curvature subsampling."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -111,7 +113,11 @@ def test_verbose_without_tqdm_prints_phase_lines(tiny_classification, capfd):
 def _optimal_logreg(X, y, lam):
     """Logistic regression at the optimum of mean CE + lam/2 ||theta||^2."""
     torch.manual_seed(0)
-    net = torch.nn.Linear(X.shape[1], 3).double()
+    return _to_optimum(torch.nn.Linear(X.shape[1], 3).double(), X, y, lam)
+
+
+def _to_optimum(net, X, y, lam):
+    """``net`` trained in place to the optimum of mean CE + lam/2 ||theta||^2."""
     opt = torch.optim.LBFGS(
         net.parameters(),
         max_iter=500,
@@ -190,12 +196,15 @@ def test_auto_rank_stops_at_the_first_rank_with_a_small_tail(
     # correction_rank="auto" (CG) keeps the first of AUTO_RANKS whose next
     # eigenvalue of the dense damped GGN (independent oracle) is within
     # (1 + AUTO_RANK_TAIL) * damping; truncation_ = 1 - damping / theta_{r+1}.
+    # The ladder serves the Newton step, the default answer at the optimum:
+    # the net is trained there.
     from _oracles import dense_ggn
 
     import sklearn_cif._build as build
 
     net, X, y = tiny_classification
     lam = 0.02
+    net = _to_optimum(copy.deepcopy(net), X, y, lam)
     ce = torch.nn.CrossEntropyLoss(reduction="none")
     theta = torch.linalg.eigvalsh(dense_ggn(net, ce, X, y, lam)).flip(0).numpy()
     ranks = (2, 4, 8, 16)
@@ -206,6 +215,7 @@ def test_auto_rank_stops_at_the_first_rank_with_a_small_tail(
     est = ClusteredInfluenceEstimator(
         4, loss="cross_entropy", damping=lam, solver="cg", random_state=0
     ).fit(net, X, y)
+    assert est.optimality_gap_ < 1e-3
     assert len(est.spectrum_) == expected
     np.testing.assert_allclose(est.spectrum_, theta[:expected], rtol=1e-6)
     assert est.truncation_ == pytest.approx(1 - lam / theta[expected], rel=1e-5)
@@ -213,6 +223,24 @@ def test_auto_rank_stops_at_the_first_rank_with_a_small_tail(
     monkeypatch.setattr(build, "DENSE_MAX_FEATURES", len(y) * 3 * 4)
     est.fit(net, X, y)
     assert len(est.spectrum_) <= 4
+
+
+def test_off_the_optimum_the_rank_stays_at_the_first_rung(
+    tiny_classification, monkeypatch
+):
+    # Off its optimum "auto" answers first order, which does not need the
+    # ladder: the first rung is kept, though its tail is far above 2 lambda.
+    import sklearn_cif._build as build
+
+    net, X, y = tiny_classification
+    monkeypatch.setattr(build, "AUTO_RANKS", (2, 4, 8, 16))
+    with pytest.warns(CIFWarning, match="not at the optimum"):
+        est = ClusteredInfluenceEstimator(
+            4, loss="cross_entropy", damping=0.02, solver="cg", random_state=0
+        ).fit(net, X, y)
+    assert est.optimality_gap_ > 1
+    assert len(est.spectrum_) == 2 and est.truncation_ > 0.5
+    assert est.fold_effects([np.arange(5)]).target == "if"
 
 
 @pytest.mark.parametrize(
@@ -298,3 +326,47 @@ def test_auto_rank_without_a_damping_floor_goes_to_the_last_rung(monkeypatch):
     assert build.rank_needed(np.array([1.0, 0.5]), 0.3, 0.0) == float("inf")
     build.spectrum(Op(), "auto", 0, torch.zeros(1), rows=1, floor=0.0)
     assert asked == [2, 8]
+
+
+def test_auto_cg_tol_keeps_the_solver_term_below_the_scatter_term(
+    tiny_classification,
+):
+    # cg_tol="auto": each cluster's residual mu_c - (G + lambda I) v_c,
+    # recomputed against the dense damped GGN from autograd per-example
+    # gradients (independent oracles), is at most sqrt(s / N), s the mean
+    # squared within-cluster residual; so the error bound's solver term stays
+    # below its scatter term for subsets up to half the data. The solves are
+    # looser than the fixed floor (fewer products than cg_tol=1e-5).
+    net, X, y = tiny_classification
+    kw = dict(
+        loss="cross_entropy", damping=LAM, solver="cg", correction_rank=2,
+        random_state=0,
+    )  # fmt: skip
+    with pytest.warns(CIFWarning, match="not at the optimum"):
+        est = ClusteredInfluenceEstimator(4, **kw).fit(net, X, y)
+    with pytest.warns(CIFWarning, match="not at the optimum"):
+        tight = ClusteredInfluenceEstimator(4, cg_tol=1e-5, **kw).fit(net, X, y)
+    G = loop_grads(net, CE, X, y).numpy()
+    labels = est.labels_
+    mu = np.stack([G[labels == c].mean(0) for c in range(est.n_clusters_)])
+    noise = np.sqrt(np.mean(np.sum((G - mu[labels]) ** 2, 1)) / len(y))
+    A = dense_ggn(net, CE, X, y, LAM).numpy()
+    resid = np.linalg.norm(mu - est.responses_.astype(np.float64) @ A, axis=1)
+    assert np.all(resid <= noise * (1 + 1e-6))
+    expected = np.clip(noise / np.linalg.norm(mu, axis=1), 1e-5, 0.5)
+    np.testing.assert_allclose(est.cg_tol_, expected, rtol=1e-6)
+    np.testing.assert_array_equal(tight.cg_tol_, 1e-5)
+    assert est.n_iter_.sum() < tight.n_iter_.sum()
+    bound = est.error_bound(len(y) // 2)
+    assert 0 < bound.solver <= bound.scatter
+
+
+def test_cg_tol_must_be_auto_or_a_fraction(tiny_classification):
+    net, X, y = tiny_classification
+    for bad in ("tight", 0.0, 1.5):
+        with pytest.raises(ValueError, match="cg_tol"):
+            ClusteredInfluenceEstimator(4, cg_tol=bad, loss="cross_entropy").fit(
+                net, X, y
+            )
+    with pytest.raises(ValueError, match="cg_tol"):
+        PerQueryInfluence(cg_tol="auto", loss="cross_entropy").fit(net, X, y)
