@@ -17,8 +17,9 @@ scatter term) and the fixed 1e-3, 1e-2 and 1e-1 are checked against
 Folds: KFold(50) and 20 ShuffleSplit 5 % sets. Reports per tolerance the
 solve's iterations and seconds, and the largest and median relative change
 of the default ``delta_loss`` and of first order (``delta_loss_if``) from
-``cg_tol=1e-5``'s, and the solve's matrix-vector products (iterations
-summed over the clusters).
+``cg_tol=1e-5``'s, and the solve's column-iterations (iterations summed
+over the clusters: its matrix-vector products, up to directions block CG
+drops and the final residual checks).
 """
 
 import argparse
@@ -90,7 +91,7 @@ def main():
                 f"{setup} (N = {n}, p = {est.n_params_}): cg_tol {tol}: build "
                 f"{build:.1f} s, solve {est.timings_['solve']:.1f} s, "
                 f"{int(est.n_iter_.max())} iterations at most, "
-                f"{int(est.n_iter_.sum())} products, kept rank "
+                f"{int(est.n_iter_.sum())} column-iterations, kept rank "
                 f"{len(est.spectrum_)}, default target {res.target}"
             )
         for tol in TOLS[1:]:

@@ -48,7 +48,7 @@ MAX_OPTIMALITY_GAP = 1.0
 AUTO_RANKS = (128, 256, 512)
 AUTO_RANK_TAIL = 1.0
 # cg_tol="auto": the range of the per-cluster tolerances (see solve_tolerances);
-# the floor is the old fixed default, about what float32 block CG reaches.
+# the floor is the default before issue 14, about what float32 block CG reaches.
 AUTO_TOL_RANGE = (1e-5, 0.5)
 # Bound on the geometric-mean error of the calibration's exact values at which
 # its solve stops (see calibrate): beta comes from n_calibration = 32
@@ -152,7 +152,7 @@ def build_cache(fmodel, X, y, config, seeds, settings):
         )
     # The rank ladder serves the Newton step, which target="auto" answers only
     # at the optimum; off it the first rung keeps the first-order answers.
-    at_optimum = opt[1] <= MAX_OPTIMALITY_GAP
+    at_optimum = not opt[1] > MAX_OPTIMALITY_GAP  # as _resolve_target reads it
     precond, tol = None, 0.0  # the dense solve is exact: no tolerance
     if solver == "dense":
         if cfg.curvature == "auto" and at_optimum:
@@ -323,8 +323,10 @@ def solve_tolerances(cg_tol, sq_norms, labels, means):
     \frac{n_c}{N}\rho_c\|\mu_c\|`, is then at most :math:`\frac{m}{\lambda
     N}\sqrt{s/N}`, which is at most the scatter term
     :math:`\frac{1}{\lambda N}\sqrt{\frac{m(N-m)}{N-1}s}` for every subset
-    of up to half the training set: no fold of a CV splitter gains from a
-    tighter solve. :math:`s` comes from the first pass's
+    of up to half the training set (for solves that reach it, and unless
+    the floor binds: always with one example per cluster, where the
+    scatter term is 0): no fold of a CV splitter gains from a tighter
+    solve. :math:`s` comes from the first pass's
     :math:`\|g_i\|^2` (:math:`s = \overline{\|g_i\|^2} - \sum_c
     \frac{n_c}{N}\|\mu_c\|^2`). The values are clipped to
     :data:`AUTO_TOL_RANGE`; with no scatter (one example per cluster) every

@@ -97,14 +97,17 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         Target relative residual of the CG solves. ``"auto"``: each
         cluster's solve stops once :math:`\|\mu_c - \tilde H v_c\|` is at
         most :math:`\sqrt{s/N}`, the noise of a mean residual gradient
-        (:math:`s` = ``within_scatter_``), clipped to [1e-5, 0.5] relative:
-        the error bound's solver term is then at most its scatter term for
-        every subset of up to half the training set, so no CV fold gains
-        from a tighter solve. A float applies to every cluster. On two
-        CG-path MLPs ``"auto"`` moved fold effects by at most 2.5e-3
-        (relative) from ``1e-5``, in about half the products of ``1e-3``;
-        a fixed ``0.1`` moved them by up to 5.5e-2 (see the user guide's
-        build-cost section).
+        (:math:`s` = ``within_scatter_``), clipped to [1e-5, 0.5] relative
+        (``cg_tol_`` holds the values): for solves that reach it, the error
+        bound's solver term is then at most its scatter term for every
+        subset of up to half the training set, unless the 1e-5 floor binds
+        (always with one example per cluster, where the scatter term is 0;
+        such solves are then tighter, and slower, than a fixed ``1e-3``). A
+        float applies to every cluster. On two CG-path MLPs ``"auto"`` moved
+        fold effects by at most 4.8e-3 (relative) from ``1e-5``, in about
+        half the products of ``1e-3`` and about those of ``1e-2``; a fixed
+        ``0.1`` moved them by up to 5.5e-2 (see the user guide's build-cost
+        section).
     cg_maxiter : int or None, default=None
         CG iteration cap (``None``: 1000).
     batch_size : int, default=256
@@ -290,7 +293,7 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
         which is exact).
     n_iter_ : ndarray of shape (C,)
         Block CG iterations each cluster's column stayed active (a column
-        is frozen once it meets ``cg_tol``; zeros for the dense solver).
+        is frozen once it meets its ``cg_tol_``; zeros for the dense solver).
     n_clusters_, n_samples_fit_, n_params_ : int
     curvature_indices_ : ndarray of shape (curvature_samples,) or None
         The examples the curvature averages over (``None``: all).

@@ -78,7 +78,8 @@ MAX_LEVERAGE = 0.99
 
 # Numbers of the explicit Jacobians (examples x outputs x parameters) held at
 # once. Small blocks stay in cache: on the issue-14 MLP (d = 10, p = 19,210)
-# Jacobians and Gram blocks of 21 examples took 0.6x the time of 87 (2**24).
+# Jacobians and Gram blocks of 16-32 examples took 0.55-0.6x the time of 87
+# (2**24) on a 2-core CPU; not measured on a GPU.
 JACOBIAN_ELEMENTS = 2**22
 
 

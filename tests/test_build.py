@@ -370,3 +370,36 @@ def test_cg_tol_must_be_auto_or_a_fraction(tiny_classification):
             )
     with pytest.raises(ValueError, match="cg_tol"):
         PerQueryInfluence(cg_tol="auto", loss="cross_entropy").fit(net, X, y)
+
+
+def test_solve_tolerances_edge_cases():
+    # A float passes through; with one example per cluster the scatter is 0
+    # and every solve runs to the floor; a zero mean gets the cap; the rule
+    # is sqrt(s / N) / ||mu_c|| in between (s from the squared norms).
+    from sklearn_cif._build import AUTO_TOL_RANGE, solve_tolerances
+
+    assert solve_tolerances(1e-3, None, None, None) == 1e-3
+    g = torch.tensor([[3.0, 0.0], [0.0, 4.0], [1.0, 1.0]], dtype=torch.float64)
+    sq = (g * g).sum(1).numpy()
+    own = solve_tolerances("auto", sq, np.arange(3), g)
+    np.testing.assert_array_equal(own, AUTO_TOL_RANGE[0])
+    labels = np.array([0, 0, 1])  # cluster 0: mean (1.5, 2), cluster 1: g[2]
+    means = torch.stack([g[:2].mean(0), torch.zeros(2, dtype=torch.float64)])
+    sq_zero = sq.copy()
+    sq_zero[2] = 0.0  # the third example's gradient is zero, as its mean
+    tol = solve_tolerances("auto", sq_zero, labels, means)
+    scatter = np.sum((g[:2] - means[0]).numpy() ** 2) / 3
+    assert tol[0] == pytest.approx(np.sqrt(scatter / 3) / 2.5, rel=1e-12)
+    assert tol[1] == AUTO_TOL_RANGE[1]
+
+
+def test_dense_solver_reports_no_tolerance(tiny_classification):
+    # The dense solve is exact: cg_tol_ is zero whatever cg_tol says.
+    net, X, y = tiny_classification
+    with pytest.warns(CIFWarning, match="not at the optimum"):
+        est = ClusteredInfluenceEstimator(
+            4, loss="cross_entropy", damping=LAM, random_state=0
+        ).fit(net, X, y)
+    assert est.solver_ == "dense"
+    np.testing.assert_array_equal(est.cg_tol_, np.zeros(est.n_clusters_))
+    assert np.all(est.cg_residuals_ < 1e-10)

@@ -33,6 +33,27 @@ def test_cg_matches_dense_solve(solve, dtype, tol, seed):
 
 
 @SOLVERS
+def test_per_column_tolerances(solve):
+    # A tolerance per column: each true residual (recomputed against the
+    # dense matrix) meets its own, the loose columns stop first, and a miss
+    # names the range in the warning.
+    A = _spd(60, 1e4, 3)
+    B = torch.randn(4, 60, generator=torch.Generator().manual_seed(3), dtype=A.dtype)
+    tol = np.array([1e-10, 1e-1, 1e-6, 0.5])
+    res = solve(lambda V: V @ A, B, tol=tol, maxiter=2000)
+    true = (
+        torch.linalg.norm(B - res.x @ A, dim=1) / torch.linalg.norm(B, dim=1)
+    ).numpy()
+    assert np.all(true <= tol * (1 + 1e-6))
+    assert res.n_iter[3] <= res.n_iter[1] < res.n_iter[2] < res.n_iter[0]
+    ref = torch.linalg.solve(A, B.T).T
+    err = torch.linalg.norm(res.x[0] - ref[0]) / torch.linalg.norm(ref[0])
+    assert float(err) < 1e-6
+    with pytest.warns(ConvergenceWarning, match=r"cg_tol=1e-12\.\.0\.1 \(per system\)"):
+        solve(lambda V: V @ A, B[:2], tol=np.array([1e-12, 0.1]), maxiter=3)
+
+
+@SOLVERS
 def test_zero_rhs_and_deflation(solve):
     # A zero right-hand side needs no iteration; the others still converge.
     A = _spd(20, 10, 0)
