@@ -153,7 +153,8 @@ def build_cache(fmodel, X, y, config, seeds, settings):
     # The rank ladder serves the Newton step, which target="auto" answers only
     # at the optimum; off it the first rung keeps the first-order answers.
     at_optimum = not opt[1] > MAX_OPTIMALITY_GAP  # as _resolve_target reads it
-    precond, tol = None, 0.0  # the dense solve is exact: no tolerance
+    precond = None
+    tol = np.zeros(means.shape[0])  # the dense solve is exact: no tolerance
     if solver == "dense":
         if cfg.curvature == "auto" and at_optimum:
             # at its optimum (else the Hessian is no better posed than G)
@@ -175,7 +176,10 @@ def build_cache(fmodel, X, y, config, seeds, settings):
                     op, cfg.correction_rank, seeds.spectrum, like, n * n_out, floor,
                     bar, climb=at_optimum,
                 )  # fmt: skip
-        tol = solve_tolerances(cfg.cg_tol, first["sq_norms"], labels, means)
+        tol = np.broadcast_to(  # one per cluster, as the cache keeps them
+            solve_tolerances(cfg.cg_tol, first["sq_norms"], labels, means),
+            means.shape[:1],
+        ).copy()
         with phase("solve", desc="CG") as bar:
             try:
                 sol = block_cg(
@@ -708,9 +712,7 @@ def assemble(first, labels, means, sol, infl, outs, feats, precond, **kw):
             residual_jacobian=feats.get("Jr"),
             residual_spectral=feats.get("Ur"),
             cg_residuals=sol.residuals,
-            cg_tol=np.broadcast_to(
-                np.asarray(kw["tol"], dtype=np.float64), (n_clusters,)
-            ).copy(),
+            cg_tol=kw["tol"],
             n_iter=sol.n_iter,
             curvature_indices=kw["curv_idx"],
             loss_name=fmodel.loss.name,

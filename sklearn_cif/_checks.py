@@ -203,17 +203,17 @@ def check_solver_params(
     ``auto_tol``: whether ``cg_tol="auto"`` is accepted.
     """
     _check_damping(damping)
-    if auto_tol and isinstance(cg_tol, str) and cg_tol == "auto":
-        cg_tol = 0.5  # valid; resolved per cluster at fit
-    elif isinstance(cg_tol, str):
-        expected = "'auto' or a float" if auto_tol else "a float"
-        raise ValueError(f"cg_tol={cg_tol!r}; expected {expected} in (0, 1).")
-    check_scalar(cg_tol, "cg_tol", numbers.Real)
-    if not 0 < cg_tol < 1:  # NaN fails too; at >= 1 CG would stop at x = 0
-        raise ValueError(
-            f"cg_tol={cg_tol} must lie in (0, 1): it is the relative residual "
-            "each solve must reach (e.g. 1e-5)."
-        )
+    if isinstance(cg_tol, str):  # "auto" is resolved per cluster at fit
+        if not (auto_tol and cg_tol == "auto"):
+            expected = "'auto' or a float" if auto_tol else "a float"
+            raise ValueError(f"cg_tol={cg_tol!r}; expected {expected} in (0, 1).")
+    else:
+        check_scalar(cg_tol, "cg_tol", numbers.Real)
+        if not 0 < cg_tol < 1:  # NaN fails too; at >= 1 CG would stop at x = 0
+            raise ValueError(
+                f"cg_tol={cg_tol} must lie in (0, 1): it is the relative "
+                "residual each solve must reach (e.g. 1e-5)."
+            )
     if cg_maxiter is not None:
         check_scalar(cg_maxiter, "cg_maxiter", numbers.Integral, min_val=1)
     check_scalar(batch_size, "batch_size", numbers.Integral, min_val=1)
