@@ -64,6 +64,8 @@ def batched_cg(
     verbose_name="CG",
     progress=None,
     max_restarts=2,
+    stop=None,
+    lower_eig=None,
 ):
     """Solve ``A x_j = b_j`` for every row ``b_j`` of ``B`` by (preconditioned) CG.
 
@@ -85,6 +87,21 @@ def batched_cg(
     max_restarts : int
         Times the columns whose recomputed residual misses ``tol`` restart
         from it after the recursion claimed convergence.
+    stop : callable or None
+        ``stop(X, R, err) -> bool``, asked after every iteration with the
+        iterates, the recursed residuals and ``err`` (below): ``True`` ends
+        the solve there whatever ``tol`` (no restart and no warning; the
+        returned ``residuals`` are the recursed ones).
+    lower_eig : float or None
+        A lower bound ``mu > 0`` on the eigenvalues of ``M^{-1} A``. Then
+        ``err`` is each column's Gauss-Radau upper bound on its squared
+        ``A``-norm error ``||x - x_k||_A^2``, from its CG coefficients
+        alone (Meurant & Tichy's recursion): ``gbar_0 = 1 / mu``,
+        ``gbar_{k+1} = (gbar_k - gamma_k) / (mu (gbar_k - gamma_k) +
+        delta_{k+1})``, ``err_k = gbar_k r_k^T M^{-1} r_k`` with ``gamma``
+        and ``delta`` the step and direction coefficients. It is tighter the
+        closer ``mu`` is to the smallest eigenvalue. Without it ``err`` is
+        ``None``.
 
     Notes
     -----
@@ -104,6 +121,7 @@ def batched_cg(
     for restart in range(max_restarts + 1):
         P = apply_m(R)
         rz = (R * P).sum(1)
+        gbar = None if lower_eig is None else np.full(B.shape[0], 1 / lower_eig)
         while cols.active.size and it < maxiter:
             a = torch.as_tensor(cols.active, device=B.device)
             AP = matmat(P[a])
@@ -114,10 +132,19 @@ def batched_cg(
             R[a] -= alpha[:, None] * AP
             Z = apply_m(R[a])
             rz_new = (R[a] * Z).sum(1)
-            P[a] = Z + (rz_new / rz[a])[:, None] * P[a]
+            delta = rz_new / rz[a]
+            P[a] = Z + delta[:, None] * P[a]
+            if gbar is not None:
+                gbar[cols.active] = _radau_step(
+                    gbar[cols.active], alpha, delta, lower_eig
+                )
             rz[a] = rz_new
             it += 1
             cols.record(R[a], pAp.cpu().numpy(), progress)
+            if stop is not None:
+                err = None if gbar is None else gbar * rz.double().cpu().numpy()
+                if stop(X, R, err):
+                    return cols.stopped(X)
         R = cols.true_residuals(matmat, X)
         # The recursion claimed convergence but the recomputed residual
         # misses tol (rounding drift): restart those columns from it.
@@ -126,6 +153,15 @@ def batched_cg(
         if not cols.reactivate():
             break
     return cols.result(X, maxiter)
+
+
+def _radau_step(gbar, gamma, delta, mu):
+    """One step of the Gauss-Radau coefficient recursion (see :func:`batched_cg`)."""
+    gamma = gamma.double().cpu().numpy()
+    delta = delta.double().cpu().numpy()
+    diff = np.maximum(gbar - gamma, 0.0)  # >= 0 in exact arithmetic
+    denom = mu * diff + delta
+    return np.divide(diff, denom, out=np.zeros_like(diff), where=denom > 0)
 
 
 def block_cg(

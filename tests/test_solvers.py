@@ -267,3 +267,59 @@ def test_spectral_preconditioner_cuts_cg_iterations():
     U = evecs[:20]
     outside = B - (B @ U.T) @ U
     np.testing.assert_allclose(rest, (outside * outside).sum(1).numpy(), rtol=1e-8)
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_gauss_radau_bounds_the_a_norm_error(precondition):
+    # With lower_eig = the smallest eigenvalue of M^{-1} A (dense oracle), the
+    # stop hook's err is at every iteration an upper bound on each column's
+    # squared A-norm error ||x - x_k||_A^2 (from a dense solve), far tighter
+    # than ||r_k||^2 / lambda_min once CG runs, and a True from the hook ends
+    # the solve there; with lower_eig halved it stays a bound.
+    A = _spd(120, 1e4, 5)
+    B = torch.randn(
+        4, 120, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    ref = torch.linalg.solve(A, B.T).T
+    P = None
+    lam = torch.linalg.eigvalsh(A)
+    mu = float(lam[0])
+    if precondition:
+        vals, vecs = torch.linalg.eigh(A)
+        P = SpectralPreconditioner(
+            vals.flip(0)[:30], vecs.T.flip(0)[:30], vals.flip(0)[30]
+        )
+        mu = float(vals[0] / vals.flip(0)[30])  # lambda_min(M^-1 A), exact eigenpairs
+    for scale in (1.0, 0.5):
+        seen = []
+
+        def stop(X, R, err, seen=seen):
+            E = ref - X
+            true = ((E @ A) * E).sum(1).numpy()
+            trivial = (R * R).sum(1).numpy() / float(lam[0])
+            seen.append((err.copy(), true, trivial))
+            return len(seen) == 25
+
+        res = batched_cg(
+            lambda V: V @ A, B, tol=1e-14, maxiter=500, precond=P, stop=stop,
+            lower_eig=mu * scale,
+        )  # fmt: skip
+        assert len(seen) == 25 and np.all(res.n_iter == 25)
+        for err, true, _ in seen:
+            assert np.all(err >= true * (1 - 1e-8))
+        err, true, trivial = seen[-1]
+        assert np.all(err < 0.5 * trivial)
+        if scale == 1.0:
+            assert np.all(err < 20 * true)
+
+
+def test_stop_hook_without_lower_eig_gets_no_bound():
+    A = _spd(30, 1e2, 1)
+    B = torch.randn(
+        2, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    got = []
+    res = batched_cg(
+        lambda V: V @ A, B, tol=1e-12, stop=lambda X, R, err: got.append(err) or True
+    )
+    assert got == [None] and np.all(res.n_iter == 1)
