@@ -1,3 +1,4 @@
+import contextlib
 import warnings
 from unittest import mock
 
@@ -136,6 +137,7 @@ def test_one_cache_serves_many_cv_schemes(digits_model):
     # every loop over data goes through the data-pass layer (one pass: one
     # map_rows, accumulate or group_sums call); every CG solve through
     # solvers.block_cg (imported by the build and the per-query estimator)
+    # or solvers.batched_cg (the build's calibration)
     passes = []
 
     def counting(owner, name, log):
@@ -154,11 +156,14 @@ def test_one_cache_serves_many_cv_schemes(digits_model):
         counting(DataPasses, "group_sums", passes),
         counting(build_module, "block_cg", solves),
         counting(per_query_module, "block_cg", solves),
+        counting(build_module, "batched_cg", solves),
     ]
     products = mock.patch.object(
         DampedGGNOperator, "matmat", autospec=True, side_effect=DampedGGNOperator.matmat
     )
-    with products as m, patches[0], patches[1], patches[2], patches[3], patches[4]:
+    with products as m, contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
         for cv in (KFold(50), KFold(100), LeaveOneOut()):
             icv = InfluenceCV(est, cv=cv).fit(net, X, y)
             assert icv.estimator_ is est and icv.fit_time_ == 0.0
