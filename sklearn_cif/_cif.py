@@ -164,9 +164,9 @@ class ClusteredInfluenceEstimator(TransformerMixin, BaseInfluence):
     n_calibration : int, default=16
         Examples solved exactly to calibrate the self-influences' model of
         the curvature outside the kept eigenvectors (``complement_curvature_``).
-        Each costs one CG solve. On four CG-path models, fold effects at 16
-        and at 32 differed from those at 64 by as much (at most 1.1-3.2 %
-        and 0.4-3.4 %): the examples drawn, not their number, moved them.
+        Each costs one CG solve. On four CG-path models (one draw per
+        size), fold effects at 16 and at 32 differed from those at 64 by
+        comparable amounts: at most 1.1-3.2 % and 0.4-3.4 %.
     curvature_samples : int or None, default=None
         Average the curvature ``G`` over this many seeded random training
         examples instead of all ``N`` (cheaper CG iterations and spectrum;

@@ -100,8 +100,10 @@ def batched_cg(
         ``gbar_{k+1} = (gbar_k - gamma_k) / (mu (gbar_k - gamma_k) +
         delta_{k+1})``, ``err_k = gbar_k r_k^T M^{-1} r_k`` with ``gamma``
         and ``delta`` the step and direction coefficients. It is tighter the
-        closer ``mu`` is to the smallest eigenvalue. Without it ``err`` is
-        ``None``.
+        closer ``mu`` is to the smallest eigenvalue; a ``mu`` above it can
+        make the estimate fall below the Gauss one, where ``err`` becomes
+        ``inf`` (also once a column has converged to rounding). Without it
+        ``err`` is ``None``.
 
     Notes
     -----
@@ -114,14 +116,18 @@ def batched_cg(
     """
     maxiter = 1000 if maxiter is None else int(maxiter)
     apply_m = precond if precond is not None else torch.clone
+    if lower_eig is not None and not (np.isfinite(lower_eig) and lower_eig > 0):
+        raise ValueError(f"lower_eig must be a positive number; got {lower_eig!r}.")
     cols = _Columns(B, tol, verbose_name)
     X = torch.zeros_like(B)
     R = B.clone()
     it = 0
+    gbar = None if lower_eig is None else np.full(B.shape[0], 1 / lower_eig)
     for restart in range(max_restarts + 1):
         P = apply_m(R)
         rz = (R * P).sum(1)
-        gbar = None if lower_eig is None else np.full(B.shape[0], 1 / lower_eig)
+        if gbar is not None and restart:  # the restarted columns start anew
+            gbar[cols.active] = 1 / lower_eig
         while cols.active.size and it < maxiter:
             a = torch.as_tensor(cols.active, device=B.device)
             AP = matmat(P[a])
@@ -156,12 +162,21 @@ def batched_cg(
 
 
 def _radau_step(gbar, gamma, delta, mu):
-    """One step of the Gauss-Radau coefficient recursion (see :func:`batched_cg`)."""
+    """One step of the Gauss-Radau coefficient recursion (see :func:`batched_cg`).
+
+    ``gbar - gamma`` is the Radau estimate's excess over the Gauss one,
+    positive when ``mu`` lies below the spectrum; where it is not (``mu``
+    too high, or rounding once the column has converged) the bound is lost
+    and becomes ``inf``, so a stop rule built on it cannot fire and the
+    residual rule decides.
+    """
     gamma = gamma.double().cpu().numpy()
     delta = delta.double().cpu().numpy()
-    diff = np.maximum(gbar - gamma, 0.0)  # >= 0 in exact arithmetic
-    denom = mu * diff + delta
-    return np.divide(diff, denom, out=np.zeros_like(diff), where=denom > 0)
+    diff = gbar - gamma
+    valid = np.isfinite(diff) & (diff > 0)
+    safe = np.where(valid, diff, 1.0)
+    denom = mu * safe + delta
+    return np.where(valid & (denom > 0), safe / np.where(denom > 0, denom, 1.0), np.inf)
 
 
 def block_cg(

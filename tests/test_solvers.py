@@ -323,3 +323,48 @@ def test_stop_hook_without_lower_eig_gets_no_bound():
         lambda V: V @ A, B, tol=1e-12, stop=lambda X, R, err: got.append(err) or True
     )
     assert got == [None] and np.all(res.n_iter == 1)
+
+
+def test_gauss_radau_fails_safe_and_survives_freezing():
+    # A lower_eig above the spectrum cannot make err claim convergence: where
+    # the Radau estimate drops below the Gauss one err becomes inf, never 0
+    # for a column with error left. A column frozen by its tolerance keeps a
+    # valid bound while the others iterate. lower_eig must be positive.
+    A = _spd(120, 1e4, 5)
+    B = torch.randn(
+        3, 120, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+    ref = torch.linalg.solve(A, B.T).T
+    mu = float(torch.linalg.eigvalsh(A)[0])
+
+    def true_err(X):
+        E = ref - X
+        return ((E @ A) * E).sum(1).numpy()
+
+    seen = []
+    with pytest.warns(ConvergenceWarning):
+        batched_cg(
+            lambda V: V @ A, B, tol=1e-14, maxiter=80, lower_eig=20 * mu,
+            stop=lambda X, R, err: seen.append((err.copy(), true_err(X))) and False,
+        )  # fmt: skip
+    errs = np.array([e for e, _ in seen])
+    trues = np.array([t for _, t in seen])
+    assert not np.any((errs == 0) & (trues > 1e-12 * trues[0]))
+    assert np.any(np.isinf(errs))
+    seen.clear()
+    A = _spd(120, 1e2, 6)  # smallest eigenvalue 1
+    ref = torch.linalg.solve(A, B.T).T
+    with pytest.warns(ConvergenceWarning):
+        res = batched_cg(
+            lambda V: V @ A, B, tol=np.array([1e-2, 1e-14, 1e-14]), maxiter=30,
+            lower_eig=1.0,
+            stop=lambda X, R, err: seen.append((err.copy(), true_err(X))) and False,
+        )  # fmt: skip
+    assert res.n_iter[0] < res.n_iter[1] == 30
+    for err, true in seen:
+        assert np.all(err >= true * (1 - 1e-8))
+    frozen = [err[0] for err, _ in seen[res.n_iter[0] :]]
+    assert len(set(frozen)) == 1 and np.isfinite(frozen[0])
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="lower_eig"):
+            batched_cg(lambda V: V @ A, B, lower_eig=bad)
