@@ -12,7 +12,10 @@ Then run real ``cross_validate`` on a few of the same folds to compare.
 # A trained skorch net
 # --------------------
 # The optimizer's weight decay is the L2 coefficient of the training
-# objective; the influence ``damping`` should equal it.
+# objective; the influence ``damping`` should equal it. The module is given
+# as a class, so that every fit (the real CV below, through ``clone``)
+# builds fresh weights: with a module *instance*, ``clone`` copies the
+# trained weights and real CV would start from them.
 import time
 
 import numpy as np
@@ -29,15 +32,21 @@ from sklearn_cif import ClusteredInfluenceEstimator, InfluenceCV
 LAM = 1e-3
 X, y = load_digits(return_X_y=True)
 X = (X / 16.0).astype(np.float32)
+
+
+class MLP(torch.nn.Sequential):
+    def __init__(self):
+        super().__init__(
+            torch.nn.Linear(64, 32),
+            torch.nn.Tanh(),
+            torch.nn.Linear(32, 10),
+            torch.nn.Softmax(-1),
+        )
+
+
 torch.manual_seed(0)
-module = torch.nn.Sequential(
-    torch.nn.Linear(64, 32),
-    torch.nn.Tanh(),
-    torch.nn.Linear(32, 10),
-    torch.nn.Softmax(-1),
-)
 net = NeuralNetClassifier(
-    module,
+    MLP,
     max_epochs=60,
     lr=0.01,
     optimizer=torch.optim.Adam,
