@@ -170,13 +170,12 @@ def _radau_step(gbar, gamma, delta, mu):
     and becomes ``inf``, so a stop rule built on it cannot fire and the
     residual rule decides.
     """
-    gamma = gamma.double().cpu().numpy()
-    delta = delta.double().cpu().numpy()
-    diff = gbar - gamma
-    valid = np.isfinite(diff) & (diff > 0)
-    safe = np.where(valid, diff, 1.0)
-    denom = mu * safe + delta
-    return np.where(valid & (denom > 0), safe / np.where(denom > 0, denom, 1.0), np.inf)
+    diff = gbar - gamma.double().cpu().numpy()
+    denom = mu * diff + delta.double().cpu().numpy()
+    out = np.full_like(diff, np.inf)
+    ok = np.isfinite(diff) & (diff > 0) & (denom > 0)
+    out[ok] = diff[ok] / denom[ok]
+    return out
 
 
 def block_cg(
